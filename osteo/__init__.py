@@ -1,0 +1,18 @@
+"""osteo-kit: an open reproduction of Choi et al. 2021, "Efficient Osteoporosis Prediction Using A
+Pair of Ensemble Models" (two ResNet18+ACM networks on two HU windows of one CT slice, fused by a
+learnable weight alpha; Eqs. 1-5 of the paper).
+"""
+from .windowing import HU_MAX, HU_MIN_S, HU_MIN_T, two_views, window
+from .dicom import DicomError, read_hu
+from .manifest import LABELS, ManifestError, load_manifest, split_patients
+from .synthetic import synthesize
+from .acm import ACM
+from .models import TwinNet, TwinOutput, build_model, resnet18_acm
+from .losses import dissimilarity_loss, twin_loss, twin_loss_terms
+from .gradcam import GradCAM, grad_cam
+from .metrics import classification_report, mcnemar
+from .data import SliceData, load_data
+from .train import TrainConfig, TrainResult, evaluate, load_model, train
+from .experiments import Experiments, resolve_profile
+
+__version__ = "0.1.0"

@@ -1,0 +1,176 @@
+"""The ``osteo`` command.
+
+    osteo synth OUT_DIR [--n-per-class 1500 --size 256 --seed 0]   write the synthetic DICOM set
+    osteo train MANIFEST [--model twin --epochs 60 ...] --out DIR     train one config
+    osteo reproduce [--profile auto|smoke|laptop|paper]               run every notebook (papermill)
+    osteo report --profile P                                          rebuild results/P/REPORT.md
+    osteo predict CHECKPOINT PATH... [--out predictions.csv --gradcam DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+NOTEBOOK_OF = {"table2": "03", "table3": "04", "table4": "05", "table5": "06", "fig3": "07", "fig4": "08"}
+
+
+def _cmd_synth(a) -> int:
+    from .synthetic import synthesize
+
+    df = synthesize(a.out_dir, n_per_class=a.n_per_class, size=a.size, seed=a.seed, overwrite=a.overwrite)
+    print(f"wrote {len(df)} slices of {df['patient_id'].nunique()} patients to {a.out_dir}/manifest.csv")
+    return 0
+
+
+def _cmd_train(a) -> int:
+    from .data import load_data
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=a.model, inputs=tuple(a.inputs) if a.inputs else (("s", "t") if a.model == "twin" else ("t",)),
+        lam=a.lam, alpha=a.alpha, learn_alpha=not a.fixed_alpha, epochs=a.epochs, batch_size=a.batch_size,
+        lr=a.lr, image_size=a.image_size, pretrained={"true": True, "false": False}.get(a.pretrained, a.pretrained),
+        seed=a.seed, device=a.device,
+    )
+    data = load_data(a.manifest, image_size=cfg.image_size, seed=a.seed)
+    print(data.describe())
+    res = train(cfg, data, out_dir=a.out)
+    lo, hi = res.accuracy_ci95
+    print(f"test accuracy {res.accuracy:.4f} (95 % CI {lo:.4f}-{hi:.4f}) on {res.test[res.main_head]['n']} slices; "
+          f"ImageNet weights: {'yes' if res.pretrained_used else 'no'}; result in {a.out}/result.json")
+    return 0
+
+
+def reproduce(profile: str = "auto", notebooks=None, tables=None) -> int:
+    """Execute the notebooks in order with papermill into ``results/<profile>/notebooks/``."""
+    import papermill as pm
+
+    from .experiments import project_root, resolve_profile
+    from .report import write_report
+
+    prof = resolve_profile(profile)
+    root = project_root()
+    nb_dir = root / "notebooks"
+    all_nbs = sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"))
+    if not all_nbs:
+        print(f"error: no notebooks found in {nb_dir}", file=sys.stderr)
+        return 2
+    wanted = set(notebooks or [])
+    for t in tables or []:
+        if t not in NOTEBOOK_OF:
+            print(f"error: unknown table {t!r}; choose from {', '.join(NOTEBOOK_OF)}", file=sys.stderr)
+            return 2
+        wanted.add(NOTEBOOK_OF[t])
+    if wanted:
+        wanted.add("09")  # the report always follows
+        all_nbs = [p for p in all_nbs if p.name[:2] in wanted or p.stem in wanted]
+    out_dir = root / "results" / prof.name / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"profile {prof.name}: {prof.note}; {len(all_nbs)} notebooks -> {out_dir.relative_to(root)}")
+    env_before = os.environ.get("OSTEO_PROFILE")
+    os.environ["OSTEO_PROFILE"] = prof.name
+    cwd = Path.cwd()
+    os.chdir(root)  # relative paths only in the executed notebooks' metadata
+    try:
+        for nb in all_nbs:
+            out = out_dir.relative_to(root) / nb.name
+            print(f"== {nb.name}", flush=True)
+            try:
+                pm.execute_notebook(
+                    str(nb.relative_to(root)), str(out), parameters={"profile": prof.name},
+                    cwd=str(nb_dir.relative_to(root)), kernel_name="python3", progress_bar=False,
+                    log_output=False, report_mode=False,
+                )
+            except pm.PapermillExecutionError as e:
+                print(f"error: {nb.name} failed in cell [{e.exec_count}]: {e.ename}: {e.evalue}\n"
+                      f"the executed notebook with the traceback is {out}", file=sys.stderr)
+                return 1
+        report = write_report(root / "results" / prof.name)
+        print(f"report: {report.relative_to(root)}")
+    finally:
+        os.chdir(cwd)
+        if env_before is None:
+            os.environ.pop("OSTEO_PROFILE", None)
+        else:
+            os.environ["OSTEO_PROFILE"] = env_before
+    return 0
+
+
+def _cmd_reproduce(a) -> int:
+    return reproduce(a.profile, notebooks=a.notebooks, tables=a.tables)
+
+
+def _cmd_report(a) -> int:
+    from .experiments import Experiments
+    from .report import write_report
+
+    exp = Experiments(a.profile, progress=False)
+    print(write_report(exp.out))
+    return 0
+
+
+def _cmd_predict(a) -> int:
+    from .predict import predict_files
+
+    return predict_files(a.checkpoint, a.paths, out_csv=a.out, gradcam_dir=a.gradcam, device=a.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osteo", description="osteo-kit: reproduce Choi et al. 2021 (twin ResNet18+ACM).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("synth", help="write the synthetic CT DICOM data set")
+    s.add_argument("out_dir")
+    s.add_argument("--n-per-class", type=int, default=1500)
+    s.add_argument("--size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_synth)
+
+    t = sub.add_parser("train", help="train one model on a manifest or class folder")
+    t.add_argument("manifest")
+    t.add_argument("--out", required=True, help="run folder: checkpoint.pt and result.json")
+    t.add_argument("--model", default="twin")
+    t.add_argument("--inputs", nargs="+", choices=["s", "t"])
+    t.add_argument("--lam", type=float, default=0.1)
+    t.add_argument("--alpha", type=float, default=0.5)
+    t.add_argument("--fixed-alpha", action="store_true")
+    t.add_argument("--epochs", type=int, default=60)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--image-size", type=int, default=224)
+    t.add_argument("--pretrained", default="auto", choices=["auto", "true", "false"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("reproduce", help="run all notebooks headless into results/<profile>/")
+    r.add_argument("--profile", default="auto", help="smoke, laptop, paper or auto (paper with CUDA, else laptop)")
+    r.add_argument("--notebooks", nargs="+", help="numbers or names of the notebooks to run (default: all)")
+    r.add_argument("--tables", nargs="+", help=f"only what these need: {', '.join(NOTEBOOK_OF)}")
+    r.set_defaults(func=_cmd_reproduce)
+
+    rp = sub.add_parser("report", help="rebuild results/<profile>/REPORT.md from the saved tables")
+    rp.add_argument("--profile", default="auto")
+    rp.set_defaults(func=_cmd_report)
+
+    pr = sub.add_parser("predict", help="classify DICOM slices with a trained checkpoint")
+    pr.add_argument("checkpoint")
+    pr.add_argument("paths", nargs="+", help="DICOM files or folders")
+    pr.add_argument("--out", default="predictions.csv")
+    pr.add_argument("--gradcam", default=None, help="folder for one Grad-CAM PNG per slice")
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=_cmd_predict)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

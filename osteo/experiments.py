@@ -1,0 +1,253 @@
+"""The experiment runner: profiles, the paper's tables as lists of configs, and a result cache.
+
+A *profile* sizes everything: ``smoke`` (CPU, seconds to minutes, for CI), ``laptop`` (CPU, the
+whole batch in about half an hour) and ``paper`` (GPU: 4500 slices, 224 px, the paper's
+hyperparameters, 60 epochs, ViT 500, three seeds). Every run is cached under
+``results/<profile>/runs/<key>/`` where ``key`` hashes the full config and the data, so a model
+that several tables need (Ours is in Tables 2, 3, 4 and 5) trains once, and an interrupted batch
+resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import SliceData, load_data
+from .metrics import wilson_interval
+from .train import TrainConfig, TrainResult, train
+
+PROFILE_NAMES = ("smoke", "laptop", "paper")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big every experiment is."""
+
+    name: str
+    n_per_class: int  # synthetic slices per class
+    synth_size: int  # pixels of the synthetic DICOM slices
+    image_size: int  # network input (224 in the paper)
+    epochs: int
+    vit_epochs: int
+    batch_size: int
+    seeds: tuple
+    device: str = "auto"
+    note: str = ""
+
+
+PROFILES = {
+    "smoke": Profile("smoke", 24, 128, 64, 2, 2, 24, (0,), "cpu", "CI: checks that everything runs; numbers mean nothing"),
+    "laptop": Profile("laptop", 200, 192, 96, 12, 12, 32, (0,), "auto", "CPU in about 30 minutes; small, noisy numbers"),
+    "paper": Profile("paper", 1500, 256, 224, 60, 500, 128, (0, 1, 2), "auto", "the paper's sizes; needs a GPU"),
+}
+
+
+def resolve_profile(name: str | None = None) -> Profile:
+    """``None``/``"auto"``: the ``OSTEO_PROFILE`` environment variable, else ``paper`` with CUDA, else ``laptop``."""
+    if name in (None, "", "auto"):
+        name = os.environ.get("OSTEO_PROFILE") or ("paper" if torch.cuda.is_available() else "laptop")
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILE_NAMES)} or 'auto'")
+    return PROFILES[name]
+
+
+# The paper's experiments. Each row: (label, config overrides, paper accuracy in %).
+OURS = dict(model="twin", inputs=("s", "t"), lam=0.1, learn_alpha=True)
+OURS_NO_DIS = dict(OURS, lam=0.0)
+TABLES = {
+    "table2": {
+        "title": "Table 2. Ablation study",
+        "rows": [
+            ("ResNet18+ACM (x_s alone)", dict(model="resnet18_acm", inputs=("s",)), 64.00),
+            ("ResNet18+ACM (x_t alone)", dict(model="resnet18_acm", inputs=("t",)), 68.44),
+            ("Ours - L_dis", OURS_NO_DIS, 74.00),
+            ("Ours", OURS, 77.11),
+        ],
+    },
+    "table3": {
+        "title": "Table 3. Ensemble perspective (no L_dis)",
+        "rows": [
+            ("twin, inputs (x_s, x_s)", dict(OURS_NO_DIS, inputs=("s", "s")), 63.89),
+            ("twin, inputs (x_t, x_t)", dict(OURS_NO_DIS, inputs=("t", "t")), 66.67),
+            ("twin, inputs (x_s, x_t)", OURS_NO_DIS, 74.00),
+        ],
+    },
+    "table4": {
+        "title": "Table 4. Fusion weight alpha (with L_dis)",
+        "rows": [
+            *[(f"fixed alpha = {a}", dict(OURS, alpha=a, learn_alpha=False), p)
+              for a, p in ((0.1, 74.00), (0.3, 73.00), (0.5, 74.22), (0.7, 73.56), (0.9, 71.22))],
+            ("learnable alpha (Ours)", OURS, 77.11),
+        ],
+    },
+    "table5": {
+        "title": "Table 5. Baselines on x_t",
+        "rows": [
+            ("ResNet18", dict(model="resnet18", inputs=("t",)), 66.67),
+            ("ResNet18+ACM", dict(model="resnet18_acm", inputs=("t",)), 68.44),
+            ("Xception", dict(model="xception", inputs=("t",)), 69.22),
+            ("Inception-v3", dict(model="inception_v3", inputs=("t",)), 68.77),
+            ("EfficientNet-b0", dict(model="efficientnet_b0", inputs=("t",)), 72.11),
+            ("ViT-B/16", dict(model="vit_b_16", inputs=("t",)), 55.67),
+            ("Ours", OURS, 77.11),
+        ],
+    },
+}
+# Inception-v3 and Xception read 299 px where the others read 224 (SPEC section 3).
+LARGE_INPUT_MODELS = ("inception_v3", "xception")
+
+
+def project_root() -> Path:
+    """The osteo-kit checkout we run in (found upwards from the working directory, so notebooks
+    run from ``notebooks/`` share ``results/`` and ``data/`` with the command line); else the
+    working directory. ``OSTEO_ROOT`` overrides it."""
+    if os.environ.get("OSTEO_ROOT"):
+        return Path(os.environ["OSTEO_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents[:3]):
+        pp = d / "pyproject.toml"
+        if pp.is_file() and 'name = "osteo-kit"' in pp.read_text(errors="replace"):
+            return d
+    return here
+
+
+def data_id(data: SliceData) -> str:
+    """A short fingerprint of a data set: which slices (paths relative to their common folder, so
+    the key does not depend on where the kit is checked out), labels, split and image size."""
+    h = hashlib.sha256(str(data.image_size).encode())
+    paths = data.train.path + data.test.path
+    base = os.path.commonpath(paths) if paths else ""
+    for s in (data.train, data.test):
+        h.update("|".join(os.path.relpath(p, base) for p in s.path).encode())
+        h.update(s.y.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Experiments:
+    """Runs and caches the paper's experiments for one profile on one data set.
+
+    >>> exp = Experiments("smoke")          # synthetic data made on first use, in data/
+    >>> exp.table("table2")                  # trains what is missing, returns a DataFrame
+    """
+
+    profile: Profile | str | None = None
+    results_dir: Path | str | None = None  # default: <project>/results
+    data_source: str | None = None  # a manifest CSV or class folder; None = the synthetic set
+    data_dir: Path | str | None = None  # where the synthetic set is made; default <project>/data
+    progress: bool = True
+    _data: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.profile, Profile):
+            self.profile = resolve_profile(self.profile)
+        root = project_root()
+        self.results_dir = Path(self.results_dir) if self.results_dir else root / "results"
+        self.data_dir = Path(self.data_dir) if self.data_dir else root / "data"
+        self.out = self.results_dir / self.profile.name
+
+    # ---- data -------------------------------------------------------------------------------
+    def manifest(self) -> Path:
+        """The manifest used: ``data_source``, else ``OSTEO_DATA``, else the synthetic set (made on first use)."""
+        src = self.data_source or os.environ.get("OSTEO_DATA")
+        if src:
+            return Path(src)
+        from .synthetic import synthesize
+
+        p = self.profile
+        d = self.data_dir / f"synthetic-{p.name}"
+        if not (d / "manifest.csv").exists():
+            synthesize(d, n_per_class=p.n_per_class, size=p.synth_size, seed=0, progress=self.progress)
+        return d / "manifest.csv"
+
+    def data(self, image_size: int | None = None) -> SliceData:
+        size = image_size or self.profile.image_size
+        if size not in self._data:
+            self._data[size] = load_data(self.manifest(), image_size=size, progress=self.progress)
+        return self._data[size]
+
+    # ---- runs -------------------------------------------------------------------------------
+    def config(self, seed: int = 0, **overrides) -> TrainConfig:
+        """The profile's config for one experiment (the overrides name the experiment)."""
+        p = self.profile
+        model = overrides.get("model", "twin")
+        size = p.image_size
+        if model in LARGE_INPUT_MODELS:
+            size = int(round(p.image_size * 299 / 224))
+        base = dict(
+            epochs=p.vit_epochs if model == "vit_b_16" else p.epochs,
+            batch_size=p.batch_size,
+            image_size=size,
+            device=p.device,
+            seed=seed,
+        )
+        base.update(overrides)
+        return TrainConfig(**base)
+
+    def run(self, cfg: TrainConfig) -> TrainResult:
+        """Train (or load from the cache) one config."""
+        data = self.data(cfg.image_size)
+        key = cfg.key(data_id(data))
+        return train(cfg, data, out_dir=self.out / "runs" / key, progress=self.progress)
+
+    def run_dir(self, cfg: TrainConfig) -> Path:
+        return self.out / "runs" / cfg.key(data_id(self.data(cfg.image_size)))
+
+    def run_seeds(self, **overrides) -> list:
+        return [self.run(self.config(seed=s, **overrides)) for s in self.profile.seeds]
+
+    # ---- tables -----------------------------------------------------------------------------
+    def table(self, name: str, save: bool = True) -> pd.DataFrame:
+        """Run every row of a paper table (all seeds) and return it beside the paper's numbers."""
+        if name not in TABLES:
+            raise ValueError(f"unknown table {name!r}; choose one of {', '.join(TABLES)}")
+        rows = []
+        for label, overrides, paper in TABLES[name]["rows"]:
+            results = self.run_seeds(**overrides)
+            rows.append(summarise(label, results, paper))
+        df = pd.DataFrame(rows)
+        if save:
+            self.save_table(name, df)
+        return df
+
+    def save_table(self, name: str, df: pd.DataFrame) -> None:
+        tdir = self.out / "tables"
+        tdir.mkdir(parents=True, exist_ok=True)
+        df.to_csv(tdir / f"{name}.csv", index=False)
+        meta = {"title": TABLES.get(name, {}).get("title", name), "profile": dataclasses.asdict(self.profile),
+                "rows": json.loads(df.to_json(orient="records"))}
+        (tdir / f"{name}.json").write_text(json.dumps(meta, indent=1))
+
+
+def summarise(label: str, results: list, paper_acc: float | None) -> dict:
+    """One table row: mean accuracy over seeds, the pooled 95 % interval, the seeds and the gap to the paper."""
+    accs = np.array([r.accuracy for r in results]) * 100
+    n = sum(r.test[r.main_head]["n"] for r in results)
+    k = sum(round(r.accuracy * r.test[r.main_head]["n"]) for r in results)
+    lo, hi = wilson_interval(k, n)
+    mean = float(accs.mean())
+    return {
+        "model": label,
+        "paper_acc": paper_acc,
+        "acc": round(mean, 2),
+        "ci95_low": round(lo * 100, 2),
+        "ci95_high": round(hi * 100, 2),
+        "seed_sd": round(float(accs.std(ddof=1)), 2) if len(accs) > 1 else None,
+        "per_seed": [round(float(a), 2) for a in accs],
+        "seeds": [r.config["seed"] for r in results],
+        "macro_f1": round(float(np.mean([r.test[r.main_head]["macro_f1"] for r in results])), 3),
+        "qw_kappa": round(float(np.mean([r.test[r.main_head]["qw_kappa"] for r in results])), 3),
+        "gap_to_paper": round(mean - paper_acc, 2) if paper_acc is not None else None,
+        "pretrained": bool(all(r.pretrained_used for r in results)),
+        "alpha": round(float(np.mean([r.alpha for r in results])), 3) if results[0].alpha is not None else None,
+        "epochs": results[0].config["epochs"],
+        "device": results[0].device,
+    }

@@ -1,0 +1,421 @@
+"""Training and evaluation of the twin network and the single-input baselines (paper IV.1).
+
+One :class:`TrainConfig` holds every setting of SPEC section 3 and is saved with every result.
+:func:`train` runs on CUDA when there is one (bf16 autocast, channels-last, data windowed on the
+GPU) and on the CPU otherwise, with the same code. Each epoch ends with a checkpoint, so an
+interrupted run resumes where it stopped and ends with the same weights as an uninterrupted one.
+
+Decisions where the paper is silent (SPEC section 3): the learning rate follows a cosine annealing
+per epoch over the whole run; the reported numbers are those of the model after the last epoch (no
+model selection on the test set); no augmentation by default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .acm import acm_orthogonality
+from .data import SliceData, SliceSet
+from .losses import acm_penalty, twin_loss_terms
+from .manifest import LABELS
+from .metrics import classification_report
+from .models import TwinNet, build_model
+from .windowing import to_network_input
+
+CHECKPOINT_FORMAT = "osteo-kit/1"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one training run (paper IV.1 and SPEC section 3).
+
+    ``model`` is ``"twin"`` (the proposed network, Eq. 2) or a name of :func:`osteo.build_model`.
+    ``inputs`` names the view each branch reads: ``("s", "t")`` for the twin (Table 3 also uses
+    ``("s", "s")`` and ``("t", "t")``), one view for a single network. ``lam`` is lambda of Eq. (5)
+    (0 gives "Ours - L_dis"); ``alpha`` is the initial (or fixed, with ``learn_alpha=False``) fusion
+    weight of Eq. (2); ``acm_weight`` weights ACM's own orthogonality term, which Eq. (5) does not
+    mention. ``pretrained`` is True, False or "auto" (ImageNet weights if already downloaded).
+    """
+
+    model: str = "twin"
+    inputs: tuple = ("s", "t")
+    lam: float = 0.1
+    alpha: float = 0.5
+    learn_alpha: bool = True
+    acm_weight: float = 0.1
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    image_size: int = 224
+    pretrained: object = "auto"
+    augment: bool = False
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_classes: int = 3
+
+    def __post_init__(self):
+        self.inputs = tuple(self.inputs)
+        for v in self.inputs:
+            if v not in ("s", "t"):
+                raise ValueError(f"TrainConfig.inputs: unknown view {v!r}; use 's' (HU_min -128) or 't' (HU_min -450)")
+        want = 2 if self.model == "twin" else 1
+        if len(self.inputs) != want:
+            raise ValueError(f"TrainConfig: model {self.model!r} reads {want} input(s), got inputs={self.inputs}")
+        if self.pretrained not in (True, False, "auto"):
+            raise ValueError(f"TrainConfig.pretrained must be True, False or 'auto', got {self.pretrained!r}")
+        if self.augment:
+            raise NotImplementedError("augmentation is not implemented (the paper names none); use augment=False")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["inputs"] = list(self.inputs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def key(self, data_id: str = "") -> str:
+        """A short hash of the config (and of the data it trains on): the name of its run folder."""
+        blob = json.dumps({"config": self.to_dict(), "data": data_id}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: its config, per-epoch history and test metrics for each head."""
+
+    config: dict
+    history: list
+    test: dict
+    main_head: str
+    y_true: list
+    predictions: dict
+    alpha: float | None
+    pretrained_used: bool
+    device: str
+    seconds: float
+    data: str = ""
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.test[self.main_head]["accuracy"]
+
+    @property
+    def accuracy_ci95(self) -> list:
+        return self.test[self.main_head]["accuracy_ci95"]
+
+    def to_json(self, path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_json(cls, path) -> "TrainResult":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not ours, is damaged, or was made with another config."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``train(..., stop_after_steps=N)``: simulates a run killed mid-epoch."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use device='auto' or 'cpu'")
+    return dev
+
+
+def make_model(cfg: TrainConfig) -> torch.nn.Module:
+    """Build the network a config names (the seed must be set before, for identical weights)."""
+    if cfg.model == "twin":
+        return TwinNet(cfg.num_classes, alpha=cfg.alpha, learn_alpha=cfg.learn_alpha, pretrained=cfg.pretrained)
+    return build_model(cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained, image_size=cfg.image_size)
+
+
+def forward_heads(model, cfg: TrainConfig, hu: torch.Tensor):
+    """Window a HU batch into the config's views and run the model; returns the raw model output."""
+    views = {v: to_network_input(hu, v) for v in set(cfg.inputs)}
+    if hu.is_cuda:
+        views = {v: x.contiguous(memory_format=torch.channels_last) for v, x in views.items()}
+    if cfg.model == "twin":
+        return model(views[cfg.inputs[0]], views[cfg.inputs[1]])
+    return model(views[cfg.inputs[0]])
+
+
+def loss_terms(model, cfg: TrainConfig, out, y: torch.Tensor) -> dict:
+    """All loss terms of one batch; ``total`` is what is minimised.
+
+    Twin: Eq. (5) ``CE(G_s) + CE(G_t) + CE(F) + lambda * L_dis`` plus ``acm_weight * |ACM dp|``.
+    Single network: cross-entropy plus the ACM term when the network has ACM modules.
+    """
+    if cfg.model == "twin":
+        terms = twin_loss_terms(out, y, lam=cfg.lam)
+        acm = model.acm_term
+    else:
+        terms = {"ce": F.cross_entropy(out.float(), y)}
+        terms["total"] = terms["ce"]
+        acm = acm_orthogonality(model)
+    if acm is not None and cfg.acm_weight:
+        terms["acm"] = acm_penalty(acm, cfg.acm_weight)
+        terms["total"] = terms["total"] + terms["acm"]
+    return terms
+
+
+def head_logits(cfg: TrainConfig, out) -> dict:
+    """Logits of each head: twin -> f (the model's prediction), s, t; single -> main."""
+    if cfg.model == "twin":
+        return {"f": out.logits_f, "s": out.logits_s, "t": out.logits_t}
+    return {"main": out}
+
+
+@torch.no_grad()
+def evaluate(model, cfg: TrainConfig, data: SliceSet, device=None, batch_size: int | None = None) -> tuple[dict, dict]:
+    """Predict every test slice; returns (metrics per head, predicted class per head)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    preds: dict[str, list] = {}
+    bs = batch_size or max(cfg.batch_size, 256)
+    amp = cfg.amp and device.type == "cuda"
+    try:
+        for i in range(0, len(data), bs):
+            hu = data.hu[i : i + bs].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = forward_heads(model, cfg, hu)
+            for head, logits in head_logits(cfg, out).items():
+                preds.setdefault(head, []).append(logits.argmax(1))
+    finally:
+        model.train(was_training)
+    preds = {h: torch.cat(p).cpu().numpy() for h, p in preds.items()}
+    y = data.y.cpu().numpy()
+    metrics = {h: classification_report(y, p, cfg.num_classes, LABELS) for h, p in preds.items()}
+    return metrics, {h: p.tolist() for h, p in preds.items()}
+
+
+def _versions() -> dict:
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Save atomically: write a temporary file, then rename (a kill never leaves half a checkpoint)."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load an osteo checkpoint with ``weights_only=True``; refuse anything else with a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip, foreign objects refused by weights_only
+        raise CheckpointError(f"{path}: not a loadable osteo checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an osteo checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    for k in ("config", "model", "epoch"):
+        if k not in state:
+            raise CheckpointError(f"{path}: osteo checkpoint lacks {k!r}; it is damaged")
+    return state
+
+
+def load_model(path, device="cpu") -> tuple[torch.nn.Module, TrainConfig]:
+    """Rebuild the trained network of a checkpoint (for prediction and Grad-CAM)."""
+    state = load_checkpoint(path)
+    cfg = TrainConfig.from_dict({**state["config"], "pretrained": False})
+    model = make_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit a {cfg.model} network ({str(e).splitlines()[0]})") from e
+    cfg = TrainConfig.from_dict(state["config"])
+    return model.to(device).eval(), cfg
+
+
+def _rng_state(device) -> dict:
+    s = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def _set_rng_state(s: dict, device) -> None:
+    torch.set_rng_state(s["cpu"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def train(
+    config: TrainConfig,
+    data: SliceData,
+    out_dir=None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train ``config`` on ``data`` and evaluate the last epoch's model on the test split.
+
+    With ``out_dir``, a checkpoint is written after every epoch (``checkpoint.pt``) and the result
+    (``result.json``) at the end; calling again with the same config returns the saved result, and
+    an interrupted run resumes from its last checkpoint. ``stop_after_steps`` stops training early
+    (raising :class:`TrainingInterrupted`; tests use it to simulate a kill mid-epoch).
+    """
+    cfg = config
+    device = resolve_device(cfg.device)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    ckpt_path = result_path = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_path, result_path = out_dir / "checkpoint.pt", out_dir / "result.json"
+        if result_path.exists():
+            res = TrainResult.from_json(result_path)
+            if res.config == cfg.to_dict():
+                return res
+
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg)
+    pretrained_used = bool(getattr(model, "pretrained_used", False))
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    history: list = []
+    start_epoch = 0
+    seconds = 0.0
+
+    if ckpt_path is not None and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state["config"] != cfg.to_dict():
+            raise CheckpointError(f"{ckpt_path}: made with another config; remove the folder or pick another out_dir")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history = json.loads(state["history"])
+        start_epoch = int(state["epoch"])
+        seconds = float(state.get("seconds", 0.0))
+        pretrained_used = bool(state.get("pretrained_used", pretrained_used))
+        _set_rng_state(state["rng"], device)
+
+    train_set = data.train.to(device)
+    n = len(train_set)
+    if n == 0:
+        raise ValueError("the training split is empty")
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    amp = cfg.amp and device.type == "cuda"
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        initial=start_epoch * steps_per_epoch,
+        desc=f"train {cfg.model}",
+        disable=not progress,
+        leave=False,
+    )
+    steps_done = 0
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen).to(device)
+        rows, correct = [], torch.zeros((), device=device)
+        names = None
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            hu, y = train_set.hu[idx], train_set.y[idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = forward_heads(model, cfg, hu)
+                terms = loss_terms(model, cfg, out, y)
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            opt.step()
+            names = list(terms)
+            rows.append(torch.stack([terms[k].detach().float() for k in names]))
+            main = head_logits(cfg, out)["f" if cfg.model == "twin" else "main"]
+            correct += (main.argmax(1) == y).sum()
+            bar.update(1)
+            steps_done += 1
+            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                bar.close()
+                raise TrainingInterrupted(f"stopped after {steps_done} steps (stop_after_steps)")
+        values = torch.stack(rows).cpu().numpy()  # one host sync per epoch
+        bad = ~np.isfinite(values)
+        if bad.any():
+            s, t = np.argwhere(bad)[0]
+            raise FloatingPointError(
+                f"non-finite loss at epoch {epoch + 1}, step {s + 1}: term {names[t]!r} = {values[s, t]}; "
+                f"stopping (last good checkpoint: epoch {epoch})"
+            )
+        sched.step()
+        seconds += time.perf_counter() - t0
+        rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_acc": float(correct) / n}
+        rec.update({f"loss_{k}": float(v) for k, v in zip(names, values.mean(0))})
+        if cfg.model == "twin":
+            rec["alpha"] = float(model.alpha)
+        history.append(rec)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{rec['loss_total']:.3f}", acc=f"{rec['train_acc']:.2f}")
+        if ckpt_path is not None:
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": cfg.to_dict(),
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "history": json.dumps(history),
+                    "rng": _rng_state(device),
+                    "seconds": seconds,
+                    "pretrained_used": pretrained_used,
+                },
+            )
+    bar.close()
+
+    metrics, preds = evaluate(model, cfg, data.test, device)
+    result = TrainResult(
+        config=cfg.to_dict(),
+        history=history,
+        test=metrics,
+        main_head="f" if cfg.model == "twin" else "main",
+        y_true=data.test.y.cpu().tolist(),
+        predictions=preds,
+        alpha=float(model.alpha) if cfg.model == "twin" else None,
+        pretrained_used=pretrained_used,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        seconds=seconds,
+        data=data.describe(),
+        versions=_versions(),
+    )
+    if result_path is not None:
+        result.to_json(result_path)
+    return result

@@ -1,0 +1,126 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import osteo
+import osteo.train as T
+from osteo.train import CheckpointError, TrainConfig, TrainingInterrupted, load_checkpoint, train
+
+
+def small(**kw):
+    base = dict(epochs=3, batch_size=16, image_size=32, device="cpu", pretrained=False, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_twin_training_loss_falls_and_beats_chance(separable):
+    res = train(small(epochs=8, lr=1e-3), separable, progress=False)
+    first, last = res.history[0]["loss_total"], res.history[-1]["loss_total"]
+    assert last < 0.7 * first, (first, last)
+    assert set(res.test) == {"f", "s", "t"}
+    assert res.accuracy > 0.6, res.test["f"]  # chance is 1/3
+    assert res.history[-1]["lr"] < res.history[0]["lr"]  # cosine annealing
+    # Eq. (5) terms are all recorded, and the ACM term is kept apart
+    assert {"loss_ce_s", "loss_ce_t", "loss_ce_f", "loss_dis", "loss_acm", "loss_total"} <= set(res.history[0])
+    assert res.alpha != 0.5  # alpha learned something
+
+
+def test_single_network_trains(separable):
+    res = train(small(model="resnet18_acm", inputs=("t",), epochs=6), separable, progress=False)
+    assert res.main_head == "main" and res.alpha is None
+    assert res.history[-1]["loss_total"] < res.history[0]["loss_total"]
+    assert "loss_acm" in res.history[0]
+
+
+def test_same_seed_same_result(separable):
+    a = train(small(epochs=2), separable, progress=False)
+    b = train(small(epochs=2), separable, progress=False)
+    assert a.history == b.history
+    assert a.predictions == b.predictions and a.test == b.test
+
+
+def test_interrupted_run_resumes_to_identical_weights(separable, tmp_path):
+    cfg = small(epochs=3)
+    full = train(cfg, separable, out_dir=tmp_path / "full", progress=False)
+    steps_per_epoch = -(-len(separable.train) // cfg.batch_size)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, separable, out_dir=tmp_path / "cut", progress=False, stop_after_steps=steps_per_epoch + 1)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+    resumed = train(cfg, separable, out_dir=tmp_path / "cut", progress=False)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.test == full.test and resumed.history == full.history
+
+
+def test_finished_run_is_loaded_not_retrained(separable, tmp_path, monkeypatch):
+    cfg = small(epochs=1)
+    first = train(cfg, separable, out_dir=tmp_path, progress=False)
+    monkeypatch.setattr(T, "make_model", lambda cfg: (_ for _ in ()).throw(AssertionError("retrained")))
+    again = train(cfg, separable, out_dir=tmp_path, progress=False)
+    assert again.test == first.test
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["config"]["lam"] == 0.1 and saved["pretrained_used"] is False
+
+
+def test_nan_loss_names_epoch_step_and_term(separable, monkeypatch):
+    real = T.loss_terms
+    calls = {"n": 0}
+
+    def poisoned(model, cfg, out, y):
+        terms = real(model, cfg, out, y)
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, step 2 (3 steps per epoch)
+            terms["dis"] = terms["dis"] * float("nan")
+            terms["total"] = terms["total"] + terms["dis"]
+        return terms
+
+    monkeypatch.setattr(T, "loss_terms", poisoned)
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 2: term 'dis'"):
+        train(small(epochs=3), separable, progress=False)
+
+
+def test_foreign_or_damaged_checkpoints_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    p = tmp_path / "evil.pt"
+    p.write_bytes(pickle.dumps({"format": "osteo-kit/1", "x": Evil()}))
+    with pytest.raises(CheckpointError, match="evil.pt: not a loadable osteo checkpoint"):
+        load_checkpoint(p)
+    q = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, q)
+    with pytest.raises(CheckpointError, match="foreign.pt: not an osteo checkpoint"):
+        load_checkpoint(q)
+    r = tmp_path / "cut.pt"
+    torch.save({"format": "osteo-kit/1", "config": {}, "model": {"w": torch.zeros(1000)}, "epoch": 1}, r)
+    r.write_bytes(r.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_checkpoint(r)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_load_model_roundtrip(separable, tmp_path):
+    cfg = small(epochs=1)
+    res = train(cfg, separable, out_dir=tmp_path, progress=False)
+    model, cfg2 = osteo.load_model(tmp_path / "checkpoint.pt")
+    assert cfg2 == cfg
+    metrics, preds = osteo.evaluate(model, cfg2, separable.test)
+    assert preds == res.predictions
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="reads 2 input"):
+        TrainConfig(model="twin", inputs=("s",))
+    with pytest.raises(ValueError, match="unknown view"):
+        TrainConfig(inputs=("s", "x"))
+    with pytest.raises(ValueError, match="pretrained"):
+        TrainConfig(pretrained="yes")
+    assert TrainConfig().key() != TrainConfig(lam=0.0).key()
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
