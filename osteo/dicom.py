@@ -1,0 +1,473 @@
+"""Read one CT slice from a DICOM file as Hounsfield units, robustly (SPEC section 6).
+
+The paper (section III) takes "one axial CT slice stored in HU" as given; hospital DICOM needs the
+care below, all of it ours:
+
+* HU = stored value * RescaleSlope + RescaleIntercept, in float64, returned as float32. For
+  enhanced CT the rescale comes from the per-frame, else the shared, functional groups
+  (PixelValueTransformationSequence). Without any rescale tags a file is accepted only when its
+  Modality is CT and its stored values already look like HU: signed, and the lowest value that is
+  not padding lies in [-1100, 0) (every body slice holds fat or air below 0 HU; data stored
+  unsigned from 0 do not). Anything else is refused: the rescale is missing.
+* PixelPaddingValue (and PixelPaddingRangeLimit) are compared with the *stored* values, before
+  the rescale; those pixels become -1024 HU (air) and are counted in ``meta["padding_masked"]``.
+* Compressed transfer syntaxes decode through pydicom's decoders (JPEG 2000 via
+  pylibjpeg-openjpeg, installed with osteo); when no decoder is installed for a syntax, the error
+  names the package to install.
+* A file without the File Meta header (no "DICM" preamble) is read with ``force=True`` if what
+  follows is a valid dataset; its transfer syntax is taken from the encoding pydicom detected
+  (implicit VR little endian if it cannot tell) and ``meta["file_meta"]`` records it.
+* MONOCHROME1 is recorded, never inverted: HU are HU whatever the display convention.
+* ImageOrientationPatient: the image is transposed and/or flipped to the canonical axial
+  orientation (rows run along +x, columns along +y: IOP ~ [1,0,0, 0,1,0], the usual radiological
+  view); ``meta["flipped"]`` lists what was done, in order ("transpose", then "rows" = upside
+  down and/or "cols" = left-right). Oblique (tilted-gantry) slices are accepted and their tilt
+  recorded; sagittal and coronal slices are refused. Without IOP the image is taken as stored.
+* Multi-frame files (Enhanced CT volumes): refused unless ``frame=`` picks one frame.
+
+Every failure is a :class:`DicomError` whose message names the file and the problem, and never
+contains a patient identifier (values of :data:`osteo.privacy.IDENTIFYING_TAGS` are scrubbed).
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from .privacy import dataset_identifiers, scrub
+
+__all__ = ["DicomError", "read_hu", "iter_dicom_files", "DICOM_SUFFIXES", "CT_SOP_CLASSES"]
+
+#: File suffixes that mark a DICOM candidate in a folder (besides no suffix and numeric suffixes,
+#: as in ``1.2.840.113619.2.55.3.123``).
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima", ".img")
+
+#: SOP classes that hold CT images (accepted even if Modality is absent).
+CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+
+# What to install for a compressed syntax when pydicom has no decoder for it (used when pydicom's own
+# list of missing dependencies cannot be parsed). gdcm's PyPI name is python-gdcm.
+_FALLBACK_HINTS = {
+    "1.2.840.10008.1.2.4.50": ["pylibjpeg-libjpeg", "python-gdcm"],  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": ["pylibjpeg-libjpeg", "python-gdcm"],  # JPEG Extended
+    "1.2.840.10008.1.2.4.57": ["pylibjpeg-libjpeg", "python-gdcm"],  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": ["pylibjpeg-libjpeg", "python-gdcm"],  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": ["pylibjpeg-libjpeg", "pyjpegls", "python-gdcm"],  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": ["pylibjpeg-libjpeg", "pyjpegls", "python-gdcm"],  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": ["pylibjpeg-openjpeg", "python-gdcm"],  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": ["pylibjpeg-openjpeg", "python-gdcm"],  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": ["pylibjpeg-openjpeg"],  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202": ["pylibjpeg-openjpeg"],  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203": ["pylibjpeg-openjpeg"],  # HTJ2K
+    "1.2.840.10008.1.2.5": ["pylibjpeg-rle"],  # RLE (pydicom's numpy decoder normally suffices)
+}
+_PYPI_NAME = {"gdcm": "python-gdcm"}  # import name -> PyPI name, where they differ
+
+_AIR_HU = -1024.0
+
+
+class DicomError(ValueError):
+    """A DICOM file that osteo cannot turn into a HU slice.
+
+    ``DicomError(path, problem)`` reads ``"<path>: <problem>"``; ``DicomError(message)`` is kept
+    for summaries of several files. ``.path`` and ``.problem`` hold the parts.
+    """
+
+    def __init__(self, path, problem: str | None = None):
+        if problem is None:
+            self.path, self.problem = None, str(path)
+            msg = str(path)
+        else:
+            self.path, self.problem = str(path), str(problem)
+            msg = f"{path}: {problem}"
+        super().__init__(msg)
+
+
+class _Reader:
+    """Builds errors for one file, scrubbed of the identifiers found in its dataset."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.identifiers: list[str] = []
+
+    def error(self, problem: str, exc: BaseException | None = None) -> DicomError:
+        if exc is not None:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            problem = f"{problem} ({type(exc).__name__}: {detail})" if detail else f"{problem} ({type(exc).__name__})"
+        return DicomError(self.name, scrub(problem, self.identifiers))
+
+
+def _open(path: Path, r: _Reader):
+    """dcmread with the checks that come before it; returns (dataset, note about the file meta)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise r.error("no such file") from e
+    except OSError as e:
+        raise r.error("cannot be accessed", e) from e
+    if path.is_dir():
+        raise r.error("is a folder, not a DICOM file")
+    if st.st_size == 0:
+        raise r.error("empty file (0 bytes), not a DICOM file")
+    note = "ok"
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        ds = None
+    except PermissionError as e:
+        raise r.error("cannot be read (permission denied)") from e
+    except Exception as e:  # damaged header, truncated element, ...
+        raise r.error("not a readable DICOM file", e) from e
+    if ds is None:
+        try:
+            with warnings.catch_warnings():  # pydicom warns about every odd "element" of a non-DICOM file
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, force=True)
+        except Exception as e:
+            raise r.error("not a DICOM file (no DICM preamble and no valid dataset)", e) from e
+        if not _looks_like_dataset(ds):
+            raise r.error("not a DICOM file (no DICM preamble and no valid dataset)")
+        has_meta = getattr(ds, "file_meta", None) is not None and ds.file_meta.get("TransferSyntaxUID")
+        note = "no DICM preamble (file meta present)" if has_meta else "missing"
+    r.identifiers = dataset_identifiers(ds)
+    tsuid = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
+    if not tsuid:
+        enc = getattr(ds, "original_encoding", None)
+        implicit, little = enc if enc and None not in enc else (True, True)
+        if implicit:
+            uid = ImplicitVRLittleEndian
+        else:
+            uid = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        if getattr(ds, "file_meta", None) is None:
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = uid
+        note = f"{note if note == 'missing' else 'no transfer syntax'}: assumed {uid.name}"
+    return ds, note
+
+
+def _looks_like_dataset(ds) -> bool:
+    """A force-read dataset is accepted only if it holds tags a DICOM image has (random bytes parse
+    into one or two nonsense elements)."""
+    try:
+        keys = set(ds.keys())
+    except Exception:
+        return False
+    wanted = {0x00080016, 0x00080060, 0x7FE00010, 0x00280010, 0x00280011, 0x0020000D, 0x0020000E}
+    return len(keys & wanted) >= 2
+
+
+def _fg_item(ds, frame: int, seq: str):
+    """The first item of functional-group sequence ``seq`` for ``frame``: per-frame first, then shared."""
+    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        fg = ds.get(groups)
+        if fg is None or len(fg) <= idx:
+            continue
+        item = fg[idx].get(seq)
+        if item is not None and len(item) > 0:
+            return item[0]
+    return None
+
+
+def _attr(ds, frame: int, seq: str, keyword: str):
+    """``keyword`` from the functional groups (enhanced CT), else from the top level; None if absent."""
+    item = _fg_item(ds, frame, seq)
+    if item is not None and item.get(keyword) is not None:
+        return item.get(keyword), "functional groups"
+    val = ds.get(keyword)
+    return (val, "tags") if val is not None else (None, None)
+
+
+def _float_or_none(v):
+    try:
+        return None if v is None or v == "" else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _install_hint(tsuid: UID, decoder) -> list[str]:
+    """``pip install`` arguments, one per alternative, that would give a decoder for ``tsuid``: from
+    pydicom's list of missing plugin dependencies, completed by our own table."""
+    options: list[str] = []
+    for line in getattr(decoder, "missing_dependencies", []) or []:
+        _, _, req = line.partition("requires")
+        names = []
+        for spec in re.split(r"\band\b|,", req):
+            name = re.split(r"[<>=!~ ]", spec.strip(), maxsplit=1)[0]
+            if name and name != "numpy":
+                names.append(_PYPI_NAME.get(name, name))
+        if names and " ".join(names) not in options:
+            options.append(" ".join(names))
+    for pkg in _FALLBACK_HINTS.get(str(tsuid), []):
+        if not any(pkg in o.split() for o in options):
+            options.append(pkg)
+    return sorted(options, key=lambda o: "gdcm" in o)  # pip-installable wheels first, gdcm last
+
+
+def _check_decoder(ds, r: _Reader) -> None:
+    from pydicom.pixels import get_decoder
+
+    tsuid = UID(ds.file_meta.TransferSyntaxUID)
+    try:
+        decoder = get_decoder(tsuid)
+    except NotImplementedError as e:
+        raise r.error(f"transfer syntax {tsuid.name} ({tsuid}) is not supported by pydicom") from e
+    except Exception as e:
+        raise r.error(f"unknown transfer syntax {tsuid}") from e
+    if not decoder.is_available:
+        options = _install_hint(tsuid, decoder)
+        how = " or ".join(f"'pip install {o}'" for o in options) if options else "a pydicom pixel-data plugin"
+        raise r.error(
+            f"pixel data compressed as {tsuid.name} ({tsuid}) and no decoder for it is installed: "
+            f"install one with {how}"
+        )
+
+
+def _stored_pixels(ds, frame: int | None, n_frames: int, r: _Reader) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    _check_decoder(ds, r)
+    try:
+        if n_frames > 1:
+            arr = pixel_array(ds, index=frame)
+        else:
+            arr = ds.pixel_array
+    except Exception as e:
+        msg = str(e)
+        if "less than expected" in msg or "truncat" in msg.lower() or isinstance(e, EOFError):
+            raise r.error("truncated pixel data", e) from e
+        tsuid = UID(ds.file_meta.TransferSyntaxUID)
+        raise r.error(f"pixel data could not be decoded ({tsuid.name})", e) from e
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and n_frames == 1 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise r.error(f"pixel data has shape {arr.shape}, expected one grey 2-D slice")
+    return arr
+
+
+def _padding_mask(ds, stored: np.ndarray) -> np.ndarray | None:
+    """Boolean mask of padded pixels (PixelPaddingValue[, PixelPaddingRangeLimit], stored units)."""
+    pv = ds.get("PixelPaddingValue")
+    if pv is None:
+        return None
+    bits = int(ds.get("BitsAllocated", stored.dtype.itemsize * 8) or stored.dtype.itemsize * 8)
+
+    def to_stored(v):
+        # US/SS ambiguity: a padding value read unsigned for signed pixels (or the reverse).
+        v = int(v)
+        if np.issubdtype(stored.dtype, np.signedinteger) and v > np.iinfo(stored.dtype).max:
+            v -= 1 << bits
+        elif np.issubdtype(stored.dtype, np.unsignedinteger) and v < 0:
+            v += 1 << bits
+        return v
+
+    lo = to_stored(pv)
+    lim = ds.get("PixelPaddingRangeLimit")
+    if lim is None:
+        return stored == lo
+    hi = to_stored(lim)
+    lo, hi = min(lo, hi), max(lo, hi)
+    return (stored >= lo) & (stored <= hi)
+
+
+def _orientation(iop, r: _Reader):
+    """(transpose, flip_rows, flip_cols, tilt in degrees) that bring an axial slice to canonical."""
+    try:
+        v = np.array([float(x) for x in iop], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise r.error(f"invalid ImageOrientationPatient {list(iop)!r}") from e
+    if v.shape != (6,) or not np.all(np.isfinite(v)):
+        raise r.error(f"invalid ImageOrientationPatient {list(iop)!r} (need 6 numbers)")
+    row, col = v[:3], v[3:]
+    if np.linalg.norm(row) < 1e-6 or np.linalg.norm(col) < 1e-6:
+        raise r.error(f"invalid ImageOrientationPatient {list(iop)!r} (zero direction)")
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    if np.linalg.norm(normal) < 1e-3:
+        raise r.error(f"invalid ImageOrientationPatient {list(iop)!r} (row and column directions parallel)")
+    normal /= np.linalg.norm(normal)
+    plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))]
+    ar, ac = int(np.argmax(np.abs(row))), int(np.argmax(np.abs(col)))
+    if plane != "axial" or {ar, ac} != {0, 1}:
+        shown = "[" + ", ".join(f"{x:g}" for x in v) + "]"
+        raise r.error(f"ImageOrientationPatient {shown} is a {plane} (or oblique) slice, not axial: osteo reads axial CT slices")
+    transpose = ar == 1
+    if transpose:
+        row, col = col, row
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
+    return transpose, bool(col[1] < 0), bool(row[0] < 0), tilt
+
+
+def read_hu(path, frame: int | None = None):
+    """Read one CT slice as HU: returns ``(hu, meta)``.
+
+    ``hu`` is a float32 2-D array in Hounsfield units in canonical axial orientation; ``meta`` holds
+    ``pixel_spacing`` ((row, col) mm of the returned array, or None), ``patient_id`` (as stored:
+    pseudonymise before it goes anywhere), ``modality``, ``slice_thickness``, ``kvp``, ``rows``,
+    ``cols`` (of the returned array), ``transfer_syntax`` (name), ``photometric``, ``flipped``,
+    ``padding_masked``, and ``rescale_slope``, ``rescale_intercept``, ``rescale_source``,
+    ``file_meta``, ``sop_class``, ``frames``, ``frame``, ``tilt_deg``, ``orientation``.
+    ``frame`` picks one frame of a multi-frame file (0-based); a multi-frame file without it is
+    refused. See the module docstring for the rules; every failure is a :class:`DicomError`.
+    """
+    name = str(path)
+    r = _Reader(name)
+    ds, file_meta_note = _open(Path(path), r)
+    try:
+        return _to_hu(ds, frame, file_meta_note, r)
+    except DicomError:
+        raise
+    except Exception as e:  # anything pydicom or a damaged value throws that we did not foresee
+        raise r.error("could not be read as a CT slice", e) from e
+
+
+def _to_hu(ds, frame, file_meta_note, r: _Reader):
+    sop = str(ds.get("SOPClassUID", "") or "")
+    modality = str(ds.get("Modality", "") or "").strip().upper() or None
+    if modality is None and sop not in CT_SOP_CLASSES:
+        raise r.error("no Modality tag and not a CT SOP class: expected CT")
+    if modality is not None and modality != "CT":
+        raise r.error(f"modality {modality}, expected CT")
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise r.error("no pixel data in this file (not an image)")
+    if "PixelData" not in ds:
+        raise r.error("float pixel data is not CT stored values; expected integer PixelData")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper() or None
+    if photometric not in (None, "MONOCHROME1", "MONOCHROME2"):
+        raise r.error(f"photometric interpretation {photometric}: not a grey CT image")
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    if spp != 1:
+        raise r.error(f"{spp} samples per pixel: not a grey CT image")
+
+    n_frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
+    if frame is None:
+        if n_frames > 1:
+            raise r.error(f"{n_frames} frames: osteo reads single slices; split the volume (or pass frame=)")
+        idx = 0
+    else:
+        if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
+            raise r.error(f"frame must be an int, got {frame!r}")
+        idx = int(frame)
+        if not 0 <= idx < n_frames:
+            raise r.error(f"frame {idx} out of range: the file has {n_frames} frame(s)")
+
+    stored = _stored_pixels(ds, idx, n_frames, r)
+    pad = _padding_mask(ds, stored)
+    n_pad = int(pad.sum()) if pad is not None else 0
+
+    slope, src_s = _attr(ds, idx, "PixelValueTransformationSequence", "RescaleSlope")
+    icpt, src_i = _attr(ds, idx, "PixelValueTransformationSequence", "RescaleIntercept")
+    rtype, _ = _attr(ds, idx, "PixelValueTransformationSequence", "RescaleType")
+    slope, icpt = _float_or_none(slope), _float_or_none(icpt)
+    if slope is None and icpt is None:
+        values = stored[~pad] if pad is not None else stored
+        lo = int(values.min()) if values.size else 0
+        hi = int(values.max()) if values.size else 0
+        if -1100 <= lo < 0:
+            slope, icpt, rescale_source = 1.0, 0.0, "absent: values taken as HU"
+        else:
+            raise r.error(
+                "RescaleSlope/RescaleIntercept missing, and the stored values "
+                f"(min {lo}, max {hi}) do not look like HU (expected a signed minimum in [-1100, 0)): "
+                "add the rescale tags"
+            )
+    else:
+        if slope is None:
+            slope = 1.0
+        if icpt is None:
+            icpt = 0.0
+        if not np.isfinite(slope) or slope == 0 or not np.isfinite(icpt):
+            raise r.error(f"invalid rescale: slope {slope}, intercept {icpt}")
+        rescale_source = src_s or src_i
+
+    hu = stored.astype(np.float64) * slope + icpt
+    if pad is not None:
+        hu[pad] = _AIR_HU
+    hu = hu.astype(np.float32)
+
+    iop, _ = _attr(ds, idx, "PlaneOrientationSequence", "ImageOrientationPatient")
+    spacing, _ = _attr(ds, idx, "PixelMeasuresSequence", "PixelSpacing")
+    thick, _ = _attr(ds, idx, "PixelMeasuresSequence", "SliceThickness")
+    try:
+        spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
+    except (TypeError, ValueError):
+        spacing = None
+
+    flipped: list[str] = []
+    tilt = None
+    if iop is not None:
+        transpose, flip_rows, flip_cols, tilt = _orientation(iop, r)
+        if transpose:
+            hu = hu.T
+            spacing = (spacing[1], spacing[0]) if spacing else None
+            flipped.append("transpose")
+        if flip_rows:
+            hu = hu[::-1, :]
+            flipped.append("rows")
+        if flip_cols:
+            hu = hu[:, ::-1]
+            flipped.append("cols")
+    hu = np.ascontiguousarray(hu)
+
+    pid = ds.get("PatientID")
+    meta = {
+        "pixel_spacing": spacing,
+        "patient_id": str(pid).strip() if pid is not None and str(pid).strip() else None,
+        "modality": modality or "CT",
+        "slice_thickness": _float_or_none(thick),
+        "kvp": _float_or_none(ds.get("KVP")),
+        "rows": int(hu.shape[0]),
+        "cols": int(hu.shape[1]),
+        "transfer_syntax": UID(ds.file_meta.TransferSyntaxUID).name,
+        "photometric": photometric,
+        "flipped": tuple(flipped),
+        "padding_masked": n_pad,
+        "rescale_slope": float(slope),
+        "rescale_intercept": float(icpt),
+        "rescale_source": rescale_source,
+        "rescale_type": str(rtype) if rtype is not None else None,
+        "file_meta": file_meta_note,
+        "sop_class": CT_SOP_CLASSES.get(sop, sop or None),
+        "frames": n_frames,
+        "frame": idx,
+        "orientation": tuple(float(x) for x in iop) if iop is not None else None,
+        "tilt_deg": tilt,
+    }
+    return hu, meta
+
+
+def _is_candidate(p: Path) -> bool:
+    if p.name.upper() == "DICOMDIR":
+        return False
+    suf = p.suffix.lower()
+    return suf == "" or suf in DICOM_SUFFIXES or suf[1:].isdigit()
+
+
+def iter_dicom_files(folder) -> list[Path]:
+    """Sorted list of the DICOM candidates under ``folder``, recursively: files with a DICOM suffix
+    (:data:`DICOM_SUFFIXES`), without a suffix, or with a numeric one (UID-named files); hidden files
+    and folders (``.name``) and DICOMDIR are skipped. Nothing is opened here."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DicomError(str(folder), "no such folder" if not root.exists() else "not a folder")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in filenames:
+            if fn.startswith("."):
+                continue
+            p = Path(dirpath) / fn
+            if _is_candidate(p):
+                out.append(p)
+    return sorted(out)

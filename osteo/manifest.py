@@ -1,0 +1,308 @@
+"""Manifests: which DICOM slice has which label, belongs to which patient, and goes to which split.
+
+A manifest is a CSV with columns ``path,label,patient_id[,split]`` (extra columns are kept), or a
+folder with one sub-folder per class (see :func:`load_manifest`). Labels are ordered as in the
+paper: normal < osteopenia < osteoporosis.
+
+Decisions that are ours (the paper says only "80 % train, 20 % test", SPEC section 3):
+* the split is made at patient level and stratified by label (:func:`split_patients`), so no
+  patient is in both train and test (:func:`check_split`);
+* labels are per patient (from DXA, SPEC section 5): a patient with two labels is an error;
+* validation collects every problem and raises one :class:`ManifestError` that lists them all.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .privacy import is_pseudonym, is_synthetic_id, pseudonymize
+
+__all__ = ["LABELS", "SPLITS", "ManifestError", "load_manifest", "split_patients", "check_split"]
+
+#: Class labels, ordered; the integer column ``y`` indexes this tuple.
+LABELS = ("normal", "osteopenia", "osteoporosis")
+SPLITS = ("train", "test")
+REQUIRED_COLUMNS = ("path", "label", "patient_id")
+MAX_LISTED = 50
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message lists every problem found (up to 50)."""
+
+
+def _raise_problems(source: str, problems: list[str]) -> None:
+    if not problems:
+        return
+    shown = problems[:MAX_LISTED]
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    raise ManifestError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more)
+
+
+def _where(df: pd.DataFrame, i) -> str:
+    """How a row is named in messages: its CSV line if known, else its index; then its path."""
+    line = df.at[i, "_line"] if "_line" in df.columns else None
+    where = f"line {line}" if line is not None and not pd.isna(line) else f"row {i}"
+    return f"{where}: {df.at[i, 'path']}" if "path" in df.columns else where
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def load_manifest(path, check_files: bool = True, *, salt: str | None = None, pseudonymize_ids: bool = False) -> pd.DataFrame:
+    """Load and validate a manifest; returns a DataFrame with absolute posix ``path``, ``label``
+    (lower case, one of :data:`LABELS`), ``patient_id``, ``split`` (if the CSV has one) and int ``y``.
+
+    ``path`` is either
+    * a CSV file ``path,label,patient_id[,split]``: relative paths are resolved against the CSV's
+      folder; labels are case-insensitive; ``split`` is ``train``/``test`` on every row, or empty
+      on every row (then the column is dropped: use :func:`split_patients`). Patient ids are used
+      as given (they should already be pseudonyms); ``pseudonymize_ids=True`` pseudonymises them
+      (ids that are synthetic ``SYN...`` or already ``P-...`` are kept);
+    * a folder with one sub-folder per class, named by the label (case-insensitive): every DICOM
+      file under a class folder (:func:`osteo.dicom.iter_dicom_files`) is a row, and its patient id
+      is read from the DICOM header and pseudonymised with ``salt`` (see :mod:`osteo.privacy`);
+      synthetic ``SYN...`` ids are kept. Hidden folders are ignored.
+
+    Problems in a CSV are located by line (the header is line 1, one line per row).
+    ``check_files`` also checks that every file exists. All problems (missing columns, unknown
+    labels, missing or duplicate files, empty patient ids, bad split values, a patient in both
+    splits or with two labels, a class missing from a split) are reported in one ManifestError.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ManifestError(f"{path}: no such manifest file or folder")
+    if p.is_dir():
+        df = _load_folder(p, salt)
+        source = str(path)
+    else:
+        df = _load_csv(p, salt, pseudonymize_ids)
+        source = str(path)
+    if len(df) == 0:
+        raise ManifestError(f"{path}: the manifest lists no files")
+    problems = _row_problems(df, check_files) + _split_problems(df)
+    _raise_problems(source, problems)
+    df["y"] = df["label"].map({lab: i for i, lab in enumerate(LABELS)}).astype(np.int64)
+    return df.drop(columns=["_line"], errors="ignore").reset_index(drop=True)
+
+
+def _load_csv(p: Path, salt, pseudonymize_ids: bool) -> pd.DataFrame:
+    try:
+        header = pd.read_csv(p, nrows=0)
+    except Exception as e:
+        raise ManifestError(f"{p}: cannot be read as CSV ({type(e).__name__}: {e})") from e
+    cols = [str(c).strip() for c in header.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in cols]
+    if missing:
+        raise ManifestError(
+            f"{p}: missing column(s) {', '.join(missing)}; a manifest needs path,label,patient_id[,split] "
+            f"(found: {', '.join(cols) or 'none'})"
+        )
+    own = [c for c in ("path", "label", "patient_id", "split") if c in cols]
+    # The columns we interpret are read as text with no NA guessing ("NA" can be a patient id);
+    # extra columns keep pandas' usual typing.
+    df = pd.read_csv(p, skipinitialspace=True)
+    df.columns = cols
+    text = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
+    text.columns = cols
+    for c in own:
+        df[c] = text[c].str.strip()
+    df["_line"] = np.arange(len(df)) + 2  # header is line 1
+    base = Path(os.path.abspath(p)).parent
+    df["path"] = [_abs_posix(base, v) if v else "" for v in df["path"]]
+    df["label"] = df["label"].str.lower()
+    if "split" in df.columns:
+        df["split"] = df["split"].str.lower()
+        if (df["split"] == "").all():
+            df = df.drop(columns=["split"])
+    if pseudonymize_ids:
+        df["patient_id"] = [
+            v if (not v or is_synthetic_id(v) or is_pseudonym(v)) else pseudonymize(v, salt) for v in df["patient_id"]
+        ]
+    return df
+
+
+def _abs_posix(base: Path, v: str) -> str:
+    q = Path(os.path.expanduser(v))
+    if not q.is_absolute():
+        q = base / q
+    return Path(os.path.normpath(q)).as_posix()
+
+
+def _load_folder(root: Path, salt) -> pd.DataFrame:
+    import pydicom
+
+    from .dicom import iter_dicom_files
+
+    label_of = {lab: lab for lab in LABELS}
+    rows, problems = [], []
+    class_dirs = []
+    for d in sorted(root.iterdir()):
+        if d.name.startswith("."):
+            continue
+        if d.is_dir():
+            lab = label_of.get(d.name.strip().lower())
+            if lab is None:
+                problems.append(f"{d.as_posix()}: folder '{d.name}' is not a label (allowed: {', '.join(LABELS)})")
+            else:
+                class_dirs.append((d, lab))
+        elif d.suffix.lower() in (".dcm", ".dicom", ".ima"):
+            problems.append(f"{d.as_posix()}: DICOM file outside a class folder (put it in one of {', '.join(LABELS)})")
+    if not class_dirs and not problems:
+        problems.append(f"no class folders found (expected sub-folders named {', '.join(LABELS)})")
+    class_dirs.sort(key=lambda t: (LABELS.index(t[1]), t[0].name))  # rows in label order, then by path
+    for d, lab in class_dirs:
+        files = iter_dicom_files(d)
+        if not files:
+            problems.append(f"{d.as_posix()}: class folder with no DICOM files")
+        for f in files:
+            fp = Path(os.path.abspath(f)).as_posix()
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"], force=True)
+                raw = ds.get("PatientID")
+            except Exception as e:
+                problems.append(f"{fp}: cannot read the DICOM header ({type(e).__name__})")
+                continue
+            raw = "" if raw is None else str(raw).strip()
+            if not raw:
+                problems.append(f"{fp}: no PatientID in the DICOM header, or not a DICOM file (a patient id is needed for a patient-level split)")
+                continue
+            pid = raw if is_synthetic_id(raw) or is_pseudonym(raw) else pseudonymize(raw, salt)
+            rows.append({"path": fp, "label": lab, "patient_id": pid})
+    _raise_problems(str(root), problems)
+    return pd.DataFrame(rows, columns=["path", "label", "patient_id"])
+
+
+def _row_problems(df: pd.DataFrame, check_files: bool) -> list[str]:
+    problems = []
+    first_seen: dict[str, object] = {}
+    for i in df.index:
+        where = _where(df, i)
+        path, label, pid = df.at[i, "path"], df.at[i, "label"], df.at[i, "patient_id"]
+        if _blank(path):
+            problems.append(f"{where}: empty path")
+        elif path in first_seen:
+            problems.append(f"{where}: duplicate path (also at {_where(df, first_seen[path]).split(':')[0]})")
+        else:
+            first_seen[path] = i
+            if check_files and not Path(path).is_file():
+                problems.append(f"{where}: missing file" if not Path(path).exists() else f"{where}: not a file")
+        if _blank(label) or label not in LABELS:
+            problems.append(f"{where}: unknown label {label!r} (allowed: {', '.join(LABELS)})")
+        if _blank(pid):
+            problems.append(f"{where}: empty patient_id")
+        if "split" in df.columns and df.at[i, "split"] not in SPLITS:
+            problems.append(f"{where}: split {df.at[i, 'split']!r} is not train or test")
+    problems += _label_conflicts(df)
+    return problems
+
+
+def _label_conflicts(df: pd.DataFrame) -> list[str]:
+    problems = []
+    ok = df[~df["patient_id"].map(_blank) & df["label"].isin(LABELS)]
+    for pid, g in ok.groupby("patient_id", sort=True):
+        if g["label"].nunique() > 1:
+            for i in g.index:
+                problems.append(
+                    f"{_where(df, i)}: patient {pid} has several labels ({', '.join(sorted(g['label'].unique()))}); "
+                    "labels are per patient"
+                )
+    return problems
+
+
+def _leak_problems(df: pd.DataFrame) -> list[str]:
+    problems = []
+    ok = df[~df["patient_id"].map(_blank) & df["split"].isin(SPLITS)]
+    for pid, g in ok.groupby("patient_id", sort=True):
+        if g["split"].nunique() > 1:
+            for i in g.index:
+                problems.append(f"{_where(df, i)}: patient {pid} is in both train and test (this row: {df.at[i, 'split']})")
+    return problems
+
+
+def _split_problems(df: pd.DataFrame) -> list[str]:
+    if "split" not in df.columns:
+        return []
+    problems = _leak_problems(df)
+    ok = df[df["split"].isin(SPLITS) & df["label"].isin(LABELS)]
+    for lab in LABELS:
+        have = set(ok.loc[ok["label"] == lab, "split"])
+        if not (df["label"] == lab).any():
+            continue
+        for s in SPLITS:
+            if s not in have:
+                problems.append(f"class {lab}: no {s} patient")
+    return problems
+
+
+def check_split(df: pd.DataFrame) -> None:
+    """Raise :class:`ManifestError` if a patient is in both train and test (naming the patients and
+    their rows), or if ``split`` is missing or holds anything but train/test."""
+    if "split" not in df.columns:
+        raise ManifestError("no split column: call split_patients first")
+    if not df.index.is_unique:
+        df = df.reset_index(drop=True)
+    problems = [
+        f"{_where(df, i)}: split {df.at[i, 'split']!r} is not train or test" for i in df.index if df.at[i, "split"] not in SPLITS
+    ]
+    problems += _leak_problems(df)
+    _raise_problems("split", problems)
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def split_patients(df: pd.DataFrame, test_fraction: float = 0.2, seed: int = 0) -> pd.DataFrame:
+    """A copy of ``df`` with ``split`` filled in, at patient level and stratified by label.
+
+    For each label (in :data:`LABELS` order) its patients are sorted, shuffled with
+    ``numpy.random.default_rng([seed, label index])`` and the first ``round(test_fraction * n)``
+    (half up; at least 1, at most n - 1) go to test; the rest to train. Deterministic for a given
+    seed and set of patient ids (pseudonyms depend on the salt: see :mod:`osteo.privacy`). A class
+    with fewer than 2 patients is an error. If ``df`` already has a complete ``split``, it is
+    validated and returned unchanged (as a copy).
+    """
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    out = df.copy()
+    if not out.index.is_unique:
+        raise ManifestError("split_patients: the DataFrame index has duplicates; reset_index(drop=True) first")
+    if "split" in out.columns and out["split"].map(_blank).any() and not out["split"].map(_blank).all():
+        problems = [f"{_where(out, i)}: empty split while other rows have one" for i in out.index if _blank(out.at[i, "split"])]
+        _raise_problems("split_patients: split given on some rows only (fill it on every row or on none)", problems)
+    if "split" in out.columns and not out["split"].map(_blank).any():
+        problems = [
+            f"{_where(out, i)}: split {out.at[i, 'split']!r} is not train or test"
+            for i in out.index
+            if out.at[i, "split"] not in SPLITS
+        ]
+        _raise_problems("split", problems + _leak_problems(out) + _label_conflicts(out))
+        return out
+    problems = [f"{_where(out, i)}: empty patient_id" for i in out.index if _blank(out.at[i, "patient_id"])]
+    problems += [
+        f"{_where(out, i)}: unknown label {out.at[i, 'label']!r} (allowed: {', '.join(LABELS)})"
+        for i in out.index
+        if out.at[i, "label"] not in LABELS
+    ]
+    problems += _label_conflicts(out)
+    _raise_problems("split_patients", problems)
+    patient_label = out.groupby("patient_id")["label"].first()
+    test_patients: set = set()
+    for k, lab in enumerate(LABELS):
+        pats = sorted(patient_label.index[patient_label == lab])
+        if not pats:
+            continue
+        if len(pats) < 2:
+            problems.append(f"class {lab}: {len(pats)} patient, need at least 2 to have one in train and one in test")
+            continue
+        n_test = min(max(_round_half_up(test_fraction * len(pats)), 1), len(pats) - 1)
+        order = np.random.default_rng([int(seed), k]).permutation(len(pats))
+        test_patients.update(pats[j] for j in order[:n_test])
+    _raise_problems("split_patients", problems)
+    out["split"] = np.where(out["patient_id"].isin(test_patients), "test", "train")
+    return out

@@ -1,0 +1,275 @@
+"""Manifests (CSV and folder layout), the patient-level split, and the privacy helpers."""
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from osteo.manifest import LABELS, ManifestError, check_split, load_manifest, split_patients
+from osteo.privacy import IDENTIFYING_TAGS, dataset_identifiers, get_salt, is_synthetic_id, pseudonymize, scrub
+
+
+@pytest.fixture(autouse=True)
+def _isolated_salt(tmp_path, monkeypatch):
+    """Never touch the real ~/.cache/osteo/salt from the tests."""
+    monkeypatch.delenv("OSTEO_SALT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def write_ct(path: Path, patient_id=None, name="Doe^Jane"):
+    """A tiny valid CT DICOM file (header is what the manifest reads)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.PatientName = name
+    if patient_id is not None:
+        ds.PatientID = patient_id
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = np.zeros((4, 4), np.int16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+# --- CSV manifests ------------------------------------------------------------------------------
+
+
+def test_csv_relative_paths_resolved_and_y_added(tmp_path):
+    for n in ("a", "b", "c"):
+        touch(tmp_path / "scans" / f"{n}.dcm")
+    (tmp_path / "m").mkdir()
+    csv = tmp_path / "m" / "manifest.csv"
+    csv.write_text(
+        "path,label,patient_id,age\n"
+        "../scans/a.dcm,normal,0042,61\n"
+        f"{(tmp_path / 'scans' / 'b.dcm').as_posix()},Osteopenia,NA,70\n"
+        "../scans/./c.dcm,osteoporosis,SYN7,\n"
+    )
+    df = load_manifest(csv)
+    assert df["path"].tolist() == [Path(os.path.abspath(tmp_path / "scans" / f"{n}.dcm")).as_posix() for n in "abc"]
+    assert df["label"].tolist() == ["normal", "osteopenia", "osteoporosis"]
+    assert df["y"].tolist() == [0, 1, 2] and df["y"].dtype == np.int64
+    assert df["patient_id"].tolist() == ["0042", "NA", "SYN7"]  # text, leading zeros and "NA" kept
+    assert df["age"].iloc[0] == 61 and pd.isna(df["age"].iloc[2])  # extra column kept, typed
+    assert "split" not in df.columns
+
+
+def test_csv_every_problem_reported_at_once(tmp_path):
+    for n in ("ok1", "ok2", "ok3", "ok4", "dup", "leak1", "leak2"):
+        touch(tmp_path / f"{n}.dcm")
+    csv = tmp_path / "manifest.csv"
+    csv.write_text(
+        "path,label,patient_id,split\n"
+        "ok1.dcm,normal,p1,train\n"  # line 2
+        "ok2.dcm,normal,p2,test\n"  # line 3
+        "ok3.dcm,osteoporoz,p3,train\n"  # line 4: unknown label
+        "gone.dcm,osteopenia,p4,train\n"  # line 5: missing file
+        "dup.dcm,osteopenia,p5,test\n"  # line 6
+        "./dup.dcm,osteopenia,p5,test\n"  # line 7: duplicate of line 6
+        "leak1.dcm,osteoporosis,p6,train\n"  # line 8: p6 in both splits
+        "leak2.dcm,osteoporosis,p6,test\n"  # line 9
+        "ok4.dcm,osteoporosis,,valid\n"  # line 10: empty id, bad split
+    )
+    with pytest.raises(ManifestError) as ei:
+        load_manifest(csv)
+    msg = str(ei.value)
+    ap = lambda n: Path(os.path.abspath(tmp_path / n)).as_posix()  # noqa: E731
+    assert f"line 4: {ap('ok3.dcm')}: unknown label 'osteoporoz' (allowed: normal, osteopenia, osteoporosis)" in msg
+    assert f"line 5: {ap('gone.dcm')}: missing file" in msg
+    assert f"line 7: {ap('dup.dcm')}: duplicate path (also at line 6)" in msg
+    assert f"line 8: {ap('leak1.dcm')}: patient p6 is in both train and test" in msg
+    assert f"line 9: {ap('leak2.dcm')}: patient p6 is in both train and test" in msg
+    assert f"line 10: {ap('ok4.dcm')}: empty patient_id" in msg
+    assert f"line 10: {ap('ok4.dcm')}: split 'valid' is not train or test" in msg
+    assert "line 2:" not in msg and "line 3:" not in msg  # good rows are not blamed
+    # check_files=False skips only the existence check
+    with pytest.raises(ManifestError) as ei:
+        load_manifest(csv, check_files=False)
+    assert "missing file" not in str(ei.value) and "unknown label" in str(ei.value)
+
+
+def test_csv_missing_columns(tmp_path):
+    csv = tmp_path / "m.csv"
+    csv.write_text("file,label\na.dcm,normal\n")
+    with pytest.raises(ManifestError, match=r"missing column\(s\) path, patient_id.*found: file, label"):
+        load_manifest(csv)
+
+
+def test_csv_patient_with_two_labels_and_class_missing_from_a_split(tmp_path):
+    csv = tmp_path / "m.csv"
+    csv.write_text(
+        "path,label,patient_id,split\n"
+        "a.dcm,normal,p1,train\n"
+        "b.dcm,osteopenia,p1,train\n"
+        "c.dcm,normal,p2,test\n"
+        "d.dcm,osteopenia,p3,train\n"
+    )
+    with pytest.raises(ManifestError) as ei:
+        load_manifest(csv, check_files=False)
+    msg = str(ei.value)
+    assert "line 2:" in msg and "line 3:" in msg and "patient p1 has several labels" in msg
+    assert "class osteopenia: no test patient" in msg
+    assert "class normal" not in msg
+
+
+def test_listing_capped_at_50(tmp_path):
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label,patient_id\n" + "".join(f"f{i}.dcm,normal,p{i}\n" for i in range(60)))
+    with pytest.raises(ManifestError) as ei:
+        load_manifest(csv)
+    msg = str(ei.value)
+    assert "60 problem(s)" in msg and msg.count("missing file") == 50 and "... and 10 more" in msg
+
+
+def test_csv_ids_pseudonymised_on_request(tmp_path):
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label,patient_id\na.dcm,normal,MRN55\nb.dcm,normal,SYN01\n")
+    df = load_manifest(csv, check_files=False, pseudonymize_ids=True, salt="s")
+    assert df["patient_id"].tolist() == [pseudonymize("MRN55", "s"), "SYN01"]
+
+
+# --- folder layout ------------------------------------------------------------------------------
+
+
+def test_folder_layout_pseudonymised(tmp_path):
+    root = tmp_path / "data"
+    write_ct(root / "Normal" / "pat1" / "IM0001", "HOSP-111")
+    write_ct(root / "Normal" / "pat1" / "IM0002", "HOSP-111")
+    write_ct(root / "osteopenia" / "x.dcm", "HOSP-222")
+    write_ct(root / "OSTEOPOROSIS" / "y.dcm", "SYN0005")
+    (root / "README.md").write_text("not a scan")
+    write_ct(root / ".cache" / "z.dcm", "HOSP-999")  # hidden: ignored
+    df = load_manifest(root, salt="pepper")
+    assert df["label"].tolist() == ["normal", "normal", "osteopenia", "osteoporosis"]
+    assert df["y"].tolist() == [0, 0, 1, 2]
+    h1, h2 = pseudonymize("HOSP-111", "pepper"), pseudonymize("HOSP-222", "pepper")
+    assert df["patient_id"].tolist() == [h1, h1, h2, "SYN0005"]
+    dump = df.to_csv()
+    assert "HOSP-" not in dump and "Doe" not in dump
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in df["path"])
+    # another salt, other pseudonyms; the same salt, the same ones
+    assert load_manifest(root, salt="other")["patient_id"].iloc[0] != h1
+    assert load_manifest(root, salt="pepper")["patient_id"].tolist() == df["patient_id"].tolist()
+
+
+def test_folder_layout_problems(tmp_path):
+    root = tmp_path / "data"
+    write_ct(root / "normal" / "a.dcm", None)  # no PatientID
+    write_ct(root / "healthy" / "b.dcm", "X1")  # not a label
+    with pytest.raises(ManifestError) as ei:
+        load_manifest(root)
+    msg = str(ei.value)
+    assert "a.dcm: no PatientID" in msg
+    assert "folder 'healthy' is not a label (allowed: normal, osteopenia, osteoporosis)" in msg
+
+
+# --- splits -------------------------------------------------------------------------------------
+
+
+def _patients_df(n_per_label=(10, 7, 5), slices=2):
+    rows = []
+    for lab, n in zip(LABELS, n_per_label):
+        for p in range(n):
+            for s in range(slices):
+                rows.append({"path": f"/d/{lab}/{p}/{s}.dcm", "label": lab, "patient_id": f"{lab}-{p:02d}"})
+    return pd.DataFrame(rows)
+
+
+def test_split_patients_stratified_patient_level_deterministic():
+    df = _patients_df()
+    a = split_patients(df, test_fraction=0.2, seed=0)
+    assert "split" not in df.columns  # a copy
+    assert a.groupby("patient_id")["split"].nunique().max() == 1  # patient level
+    test_pat = a[a["split"] == "test"].groupby("label")["patient_id"].nunique().to_dict()
+    # round(0.2 * 10) = 2, round(0.2 * 7) = 1.4 -> 1, round(0.2 * 5) = 1
+    assert test_pat == {"normal": 2, "osteopenia": 1, "osteoporosis": 1}
+    assert (a[a["split"] == "test"].groupby("patient_id").size() == 2).all()  # all slices follow
+    b = split_patients(df.sample(frac=1, random_state=3), test_fraction=0.2, seed=0)
+    assert set(b.loc[b["split"] == "test", "patient_id"]) == set(a.loc[a["split"] == "test", "patient_id"])
+    seeds = {frozenset(split_patients(df, seed=s).query("split == 'test'")["patient_id"]) for s in range(5)}
+    assert len(seeds) > 1  # the seed matters
+    check_split(a)
+    assert split_patients(a, seed=99)["split"].tolist() == a["split"].tolist()  # complete: unchanged
+    partial = a.copy()
+    partial.loc[partial.index[:3], "split"] = None
+    with pytest.raises(ManifestError, match="split given on some rows only"):
+        split_patients(partial)
+    empty = a.assign(split=None)
+    assert split_patients(empty, seed=0)["split"].tolist() == a["split"].tolist()  # all empty: filled
+
+
+def test_split_patients_small_classes():
+    df = _patients_df(n_per_label=(2, 3, 1))
+    with pytest.raises(ManifestError, match="class osteoporosis: 1 patient, need at least 2"):
+        split_patients(df)
+    out = split_patients(_patients_df(n_per_label=(2, 2, 2)), test_fraction=0.9)
+    # at least one patient per class stays in train, at least one goes to test
+    per = out.groupby(["label", "split"])["patient_id"].nunique()
+    assert (per == 1).all() and len(per) == 6
+
+
+def test_check_split_catches_leaks():
+    df = split_patients(_patients_df(), seed=0)
+    leaked = df[df["split"] == "test"]["patient_id"].iloc[0]
+    i = df.index[(df["patient_id"] == leaked)][0]
+    df.loc[i, "split"] = "train"
+    with pytest.raises(ManifestError) as ei:
+        check_split(df)
+    msg = str(ei.value)
+    assert f"patient {leaked} is in both train and test" in msg
+    assert df.at[i, "path"] in msg and msg.count(leaked) == 2  # both of its rows are named
+    with pytest.raises(ManifestError, match="no split column"):
+        check_split(_patients_df())
+
+
+# --- privacy ------------------------------------------------------------------------------------
+
+
+def test_pseudonymize_salt_precedence_and_format(monkeypatch, tmp_path):
+    p = pseudonymize("12345", salt="a")
+    assert p.startswith("P-") and len(p) == 14 and int(p[2:], 16) >= 0
+    assert p == pseudonymize(" 12345 ", salt="a") and p != pseudonymize("12345", salt="b")
+    monkeypatch.setenv("OSTEO_SALT", "a")
+    assert pseudonymize("12345") == p
+    monkeypatch.delenv("OSTEO_SALT")
+    salt_file = tmp_path / "xdg-cache" / "osteo" / "salt"
+    assert not salt_file.exists()
+    q = pseudonymize("12345")  # creates the per-installation salt
+    assert salt_file.exists() and stat.S_IMODE(os.stat(salt_file).st_mode) == 0o600
+    assert get_salt() == salt_file.read_text().strip() and len(get_salt()) == 64
+    assert pseudonymize("12345") == q == pseudonymize("12345", salt=get_salt())
+    with pytest.raises(ValueError, match="empty patient id"):
+        pseudonymize("  ")
+
+
+def test_synthetic_ids_and_scrub():
+    assert is_synthetic_id("SYN00012") and not is_synthetic_id("12345") and not is_synthetic_id(None)
+    assert {"PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+            "ReferringPhysicianName", "OtherPatientIDs", "PatientAddress", "StudyID"} <= set(IDENTIFYING_TAGS)
+    ds = Dataset()
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "MRN-42"
+    ds.StudyID = "7"
+    idents = dataset_identifiers(ds)
+    text = "file of Jane Doe (DOE^JANE, mrn-42), study 7"
+    assert scrub(text, idents) == "file of [redacted] ([redacted], [redacted]), study 7"
+    assert scrub("nothing here", idents) == "nothing here"
