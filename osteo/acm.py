@@ -1,0 +1,126 @@
+"""Attend-and-Compare Module (ACM; Kim et al., ECCV 2020) as used by the paper's backbones (SPEC 2).
+
+This is OUR adaptation to ResNet18's BasicBlock: the official ACM code supports only Bottleneck
+ResNets (and has no licence, so nothing here is copied from it). One module sits on the residual
+branch of every BasicBlock, after ``bn2`` and before the identity is added (see
+:func:`osteo.models.resnet18_acm`). For an input ``X`` (B x C x H x W), with ``mu`` the per-channel
+spatial mean and ``X~ = X - mu``:
+
+- K, Q: grouped 1x1 convs (C -> G maps each, bias), softmax over the H*W positions of each map;
+  channel c of K (of Q) is the attention-weighted spatial mean of ``X~_c`` under its group's map.
+  Because softmax ignores a constant per map, feeding the convs X or X~ gives the same maps;
+- P: grouped 1x1 conv C -> C/2, ReLU, grouped 1x1 conv C/2 -> C, sigmoid, applied to ``mu``;
+- ``Y = (X + K - Q) * P``; orthogonality term ``dp = mean over channels of K*Q`` (shape (B,)),
+  kept, with its graph, as ``module.dp`` after each forward. Training adds
+  ``acm_weight * |batch mean of the dp summed over modules|`` (:func:`osteo.losses.acm_penalty`);
+  the paper's Eq. (5) does not mention this term.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ACM", "acm_orthogonality", "reference_acm_forward"]
+
+
+class ACM(nn.Module):
+    """Attend-and-Compare Module on ``channels`` feature maps with ``groups`` attention maps per branch.
+
+    K and Q logits come from ONE grouped conv ``kq`` (C -> 2G, groups G): output channel ``2g`` is
+    group g's K map, ``2g + 1`` its Q map (the same as two separate C -> G grouped convs).
+    ``p1``/``p2`` form the channel gate P. Kaiming-normal (fan_out, relu) init, zero bias.
+    """
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__()
+        if groups < 1 or channels % groups:
+            raise ValueError(f"osteo/acm.py: ACM groups ({groups}) must divide channels ({channels})")
+        if channels % 2 or (channels // 2) % groups:
+            raise ValueError(f"osteo/acm.py: ACM needs channels/2 ({channels / 2:g}) divisible by groups ({groups}) "
+                             "for the grouped conv of P")
+        self.channels, self.groups = channels, groups
+        self.kq = nn.Conv2d(channels, 2 * groups, 1, groups=groups, bias=True)
+        self.p1 = nn.Conv2d(channels, channels // 2, 1, groups=groups, bias=True)
+        self.p2 = nn.Conv2d(channels // 2, channels, 1, groups=groups, bias=True)
+        self.dp: torch.Tensor | None = None
+        for m in (self.kq, self.p1, self.p2):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, groups={self.groups}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        g = self.groups
+        mu = x.mean(dim=(2, 3), keepdim=True)
+        xc = x - mu
+        # (B, 2G, H, W) -> (B, G, 2, HW): [:, g, 0] is group g's K map, [:, g, 1] its Q map.
+        attn = self.kq(xc).reshape(b, g, 2, h * w).softmax(dim=-1)
+        # Weighted spatial means of X~ per group: (B, G, 2, HW) @ (B, G, HW, C/G) -> (B, G, 2, C/G).
+        kq = torch.matmul(attn, xc.reshape(b, g, c // g, h * w).transpose(-1, -2))
+        k = kq[:, :, 0].reshape(b, c, 1, 1)
+        q = kq[:, :, 1].reshape(b, c, 1, 1)
+        p = torch.sigmoid(self.p2(F.relu(self.p1(mu))))
+        self.dp = (k * q).mean(dim=1).reshape(b)
+        return (x + k - q) * p
+
+    def __getstate__(self):
+        # ``dp`` is a non-leaf tensor of the last forward; it must not block deepcopy or pickling.
+        state = super().__getstate__()
+        state = dict(state)
+        state["dp"] = None
+        return state
+
+
+def reference_acm_forward(module: ACM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain, loop-based re-computation of ``module(x)`` (per sample, per group); returns ``(Y, dp)``.
+
+    Deliberately slow and literal, for the tests: it reads the K/Q weights of group g from rows
+    ``2g`` / ``2g + 1`` of ``module.kq`` and follows SPEC 2 step by step.
+    """
+    b, c, h, w = x.shape
+    g = module.groups
+    cg = c // g
+    wkq = module.kq.weight[:, :, 0, 0]  # (2G, C/G)
+    bkq = module.kq.bias
+    ys, dps = [], []
+    for i in range(b):
+        xi = x[i]  # (C, H, W)
+        mu = xi.mean(dim=(1, 2))  # (C,)
+        xt = xi - mu[:, None, None]
+        k = torch.zeros(c, dtype=x.dtype, device=x.device)
+        q = torch.zeros(c, dtype=x.dtype, device=x.device)
+        for j in range(g):
+            xs = xt[j * cg:(j + 1) * cg].reshape(cg, h * w)  # this group's channels, (C/G, HW)
+            logit_k = wkq[2 * j] @ xs + bkq[2 * j]
+            logit_q = wkq[2 * j + 1] @ xs + bkq[2 * j + 1]
+            ak = torch.exp(logit_k - logit_k.max())
+            ak = ak / ak.sum()
+            aq = torch.exp(logit_q - logit_q.max())
+            aq = aq / aq.sum()
+            for ch in range(cg):
+                k[j * cg + ch] = (ak * xs[ch]).sum()
+                q[j * cg + ch] = (aq * xs[ch]).sum()
+        hidden = F.relu(module.p1(mu[None, :, None, None]))
+        p = torch.sigmoid(module.p2(hidden))[0, :, 0, 0]
+        ys.append((xi + (k - q)[:, None, None]) * p[:, None, None])
+        dps.append((k * q).mean())
+    return torch.stack(ys), torch.stack(dps)
+
+
+def acm_orthogonality(model: nn.Module) -> torch.Tensor | None:
+    """Sum of ``dp`` (shape (B,)) over all ACM modules of ``model`` from its last forward.
+
+    None when the model has no ACM module (plain baselines); a RuntimeError if it has some but
+    none has run a forward yet.
+    """
+    mods = [m for m in model.modules() if isinstance(m, ACM)]
+    if not mods:
+        return None
+    dps = [m.dp for m in mods if m.dp is not None]
+    if len(dps) != len(mods):
+        raise RuntimeError(f"osteo/acm.py: {len(mods) - len(dps)} of {len(mods)} ACM modules have no dp yet; "
+                           "run a forward pass before asking for the ACM orthogonality term")
+    return torch.stack(dps).sum(dim=0)

@@ -1,0 +1,287 @@
+"""Networks: ResNet18+ACM, the proposed twin network (Eq. 2) and the single-input baselines of Table 5.
+
+Architecture and weights are kept apart: builders construct from scratch, then one function,
+:func:`load_imagenet_weights`, optionally loads ImageNet weights into them (SPEC 3: ``pretrained``
+is True, False or "auto"). Every built model carries ``model.pretrained_used`` (bool).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from .acm import ACM, acm_orthogonality
+
+__all__ = [
+    "MODEL_NAMES", "XCEPTION_TIMM_NAME", "BasicBlockACM", "TwinNet", "TwinOutput", "build_model",
+    "default_image_size", "gradcam_layer", "imagenet_cache_path", "load_imagenet_weights", "resnet18_acm",
+]
+
+#: Single-input models of Table 5 that :func:`build_model` knows ("twin" is :class:`TwinNet`).
+MODEL_NAMES = ("resnet18", "resnet18_acm", "xception", "inception_v3", "efficientnet_b0", "vit_b_16")
+
+#: timm's name for the classic Xception of Chollet (2017) (ported Keras/Cadene weights). timm's
+#: ``xception41/65/71`` are the "aligned" DeepLab variants, not the network the paper names.
+XCEPTION_TIMM_NAME = "legacy_xception"
+
+# torchvision ImageNet weights per architecture (resnet18_acm uses ResNet18's for its ResNet part).
+_TV_WEIGHTS = {
+    "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet18_acm": tvm.ResNet18_Weights.IMAGENET1K_V1,
+    "inception_v3": tvm.Inception_V3_Weights.IMAGENET1K_V1,
+    "efficientnet_b0": tvm.EfficientNet_B0_Weights.IMAGENET1K_V1,
+    "vit_b_16": tvm.ViT_B_16_Weights.IMAGENET1K_V1,
+}
+# Checkpoint keys that are not loaded: the 1000-class ImageNet heads (our heads are new) and
+# Inception's auxiliary classifier (we build Inception-v3 without it).
+_HEAD_PREFIXES = {
+    "resnet18": ("fc.",), "resnet18_acm": ("fc.",), "xception": ("fc.",),
+    "inception_v3": ("fc.", "AuxLogits."), "efficientnet_b0": ("classifier.",), "vit_b_16": ("heads.",),
+}
+_MIN_SIZE = {"inception_v3": 75}
+
+
+def _check_pretrained(pretrained) -> None:
+    if not (pretrained is True or pretrained is False or pretrained == "auto"):
+        raise ValueError(f"osteo/models.py: pretrained must be True, False or 'auto', got {pretrained!r}")
+
+
+def _weights_url(model: nn.Module, arch: str) -> str:
+    if arch in _TV_WEIGHTS:
+        return _TV_WEIGHTS[arch].url
+    if arch == "xception":
+        url = (getattr(model, "pretrained_cfg", None) or {}).get("url")
+        if url:
+            return url
+        raise RuntimeError(f"osteo/models.py: timm's {XCEPTION_TIMM_NAME} config names no weights URL in this timm version")
+    raise ValueError(f"osteo/models.py: no ImageNet weights known for architecture {arch!r}; known: {sorted(_HEAD_PREFIXES)}")
+
+
+def imagenet_cache_path(model: nn.Module, arch: str) -> str:
+    """Where torch's hub cache keeps (or would keep) the ImageNet checkpoint of ``arch``."""
+    name = os.path.basename(urlparse(_weights_url(model, arch)).path)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", name)
+
+
+def load_imagenet_weights(model: nn.Module, arch: str, pretrained) -> bool:
+    """Load ImageNet weights into ``model`` (built from scratch by a builder here); returns whether it did.
+
+    ``pretrained``: False -> nothing; True -> the weights, downloaded to the torch hub cache if not
+    there yet (RuntimeError when that fails); "auto" -> the weights only if the checkpoint is already
+    in ``torch.hub.get_dir()/checkpoints`` (never downloads). Loading is non-strict: the ImageNet
+    heads are dropped (our heads keep their fresh init) and the only keys allowed to stay missing
+    are those heads and the ACM modules; anything else is a RuntimeError. ViT position embeddings
+    are interpolated when the image size differs from 224; Inception-v3 gets ``transform_input=True``
+    as torchvision sets for these weights. Sets ``model.pretrained_used``.
+    """
+    _check_pretrained(pretrained)
+    used = False
+    if pretrained:
+        url = _weights_url(model, arch)
+        path = imagenet_cache_path(model, arch)
+        state = None
+        if pretrained == "auto":
+            if os.path.isfile(path):
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception as e:  # a truncated download, a foreign file
+                    raise RuntimeError(f"osteo/models.py: cached ImageNet weights {path} could not be read "
+                                       f"({type(e).__name__}: {e}); delete the file or use pretrained=False") from e
+        else:
+            try:
+                if arch in _TV_WEIGHTS:
+                    state = _TV_WEIGHTS[arch].get_state_dict(progress=True, map_location="cpu")
+                else:
+                    state = torch.hub.load_state_dict_from_url(url, progress=True, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise RuntimeError(
+                    f"osteo/models.py: the ImageNet weights for {arch} could not be downloaded from {url} "
+                    f"({type(e).__name__}: {e}). Use pretrained=False (train from scratch) or pretrained='auto' "
+                    f"(use the weights only when already at {path})") from e
+        if state is not None:
+            _load_state(model, arch, state, source=path)
+            used = True
+    model.pretrained_used = used
+    return used
+
+
+def _load_state(model: nn.Module, arch: str, state: dict, source: str) -> None:
+    heads = _HEAD_PREFIXES[arch]
+    state = {k: v for k, v in state.items() if not k.startswith(heads)}
+    if arch == "vit_b_16" and state["encoder.pos_embedding"].shape != model.encoder.pos_embedding.shape:
+        state = tvm.vision_transformer.interpolate_embeddings(model.image_size, model.patch_size, state)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even when not strict
+        raise RuntimeError(f"osteo/models.py: ImageNet weights {source} do not fit {arch}: {e}") from e
+    bad_missing = [k for k in result.missing_keys if not k.startswith(heads) and ".acm." not in k]
+    if bad_missing or result.unexpected_keys:
+        raise RuntimeError(f"osteo/models.py: ImageNet weights {source} do not fit {arch}: missing "
+                           f"{bad_missing[:5]} ({len(bad_missing)}), unexpected {result.unexpected_keys[:5]} "
+                           f"({len(result.unexpected_keys)})")
+    if arch == "inception_v3":
+        model.transform_input = True  # the Google weights expect inputs in [-1, 1]; ours are ImageNet-normalised
+
+
+class BasicBlockACM(BasicBlock):
+    """torchvision's BasicBlock with an ACM on the residual branch after ``bn2``, before the identity is added.
+
+    Our placement for ResNet18 (SPEC 2; the official ACM code has Bottleneck ResNets only). The
+    block's own parameter names are torchvision's, so ImageNet weights load into it unchanged.
+    """
+
+    acm_groups = 32
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.acm = ACM(self.bn2.num_features, groups=self.acm_groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.acm(self.bn2(self.conv2(out)))
+        return self.relu(out + identity)
+
+
+def _resnet18_acm(num_classes: int, pretrained, features_only: bool) -> ResNet:
+    model = ResNet(BasicBlockACM, [2, 2, 2, 2], num_classes=num_classes)
+    if features_only:
+        model.fc = nn.Identity()  # forward returns the pooled 512-d feature g
+    model.num_features = 512
+    load_imagenet_weights(model, "resnet18_acm", pretrained)
+    return model
+
+
+def resnet18_acm(num_classes: int = 3, pretrained=False) -> ResNet:
+    """ResNet18 with one ACM per BasicBlock (8 modules: 64, 64, 128, 128, 256, 256, 512, 512 channels; groups 32).
+
+    State-dict keys of the ResNet part are torchvision's, so ImageNet weights load non-strictly with
+    only the ACM keys (and the new ``fc``) missing.
+    """
+    return _resnet18_acm(num_classes, pretrained, features_only=False)
+
+
+class TwinOutput(NamedTuple):
+    """Outputs of :class:`TwinNet`: logits of G_s, G_t and the fused head F (the prediction), and g_s, g_t."""
+
+    logits_s: torch.Tensor
+    logits_t: torch.Tensor
+    logits_f: torch.Tensor
+    g_s: torch.Tensor
+    g_t: torch.Tensor
+
+
+class TwinNet(nn.Module):
+    """The proposed network, Eq. (2): ``G_s(x_s)``, ``G_t(x_t)`` (ResNet18+ACM backbones giving 512-d
+    pooled features ``g_s``, ``g_t``), their heads ``head_s``, ``head_t``, and ``head_f`` (F) on
+    ``g = alpha * g_s + (1 - alpha) * g_t``.
+
+    ``alpha`` is an ``nn.Parameter`` (initial value ``alpha``) when ``learn_alpha``, else a buffer
+    (fixed; Table 4); ``model.alpha`` is the tensor in both cases. Like the paper, alpha is not
+    clamped to [0, 1]. After each forward, ``model.acm_term`` is the (B,) sum of ACM's ``dp`` over
+    both backbones (:func:`osteo.losses.acm_penalty`; not part of Eq. 5).
+    """
+
+    def __init__(self, num_classes: int = 3, alpha: float = 0.5, learn_alpha: bool = True, pretrained=False):
+        super().__init__()
+        self.G_s = _resnet18_acm(1000, pretrained, features_only=True)
+        self.G_t = _resnet18_acm(1000, pretrained, features_only=True)
+        d = self.G_s.num_features
+        self.head_s = nn.Linear(d, num_classes)
+        self.head_t = nn.Linear(d, num_classes)
+        self.head_f = nn.Linear(d, num_classes)
+        a = torch.tensor(float(alpha))
+        if learn_alpha:
+            self.alpha = nn.Parameter(a)
+        else:
+            self.register_buffer("alpha", a)
+        self.learn_alpha = bool(learn_alpha)
+        self.pretrained_used = bool(self.G_s.pretrained_used and self.G_t.pretrained_used)
+
+    def forward(self, x_s: torch.Tensor, x_t: torch.Tensor) -> TwinOutput:
+        g_s = self.G_s(x_s)
+        g_t = self.G_t(x_t)
+        g = self.alpha * g_s + (1 - self.alpha) * g_t
+        return TwinOutput(self.head_s(g_s), self.head_t(g_t), self.head_f(g), g_s, g_t)
+
+    @property
+    def acm_term(self) -> torch.Tensor:
+        """(B,) sum of ``dp`` over the 16 ACM modules of both backbones from the last forward."""
+        return acm_orthogonality(self.G_s) + acm_orthogonality(self.G_t)
+
+
+def default_image_size(name: str) -> int:
+    """The paper-era input size of a model: 299 for Inception-v3 and Xception, else 224 (SPEC 3)."""
+    _check_name(name)
+    return 299 if name in ("inception_v3", "xception") else 224
+
+
+def _check_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"osteo/models.py: unknown model {name!r}; known: {', '.join(MODEL_NAMES)} "
+                         "(the twin network is TwinNet)")
+
+
+def build_model(name: str, num_classes: int = 3, pretrained=False, image_size: int | None = None) -> nn.Module:
+    """A single-input network of Table 5 with a ``num_classes`` head; sets ``model.pretrained_used``.
+
+    ``xception`` is timm's ``legacy_xception`` (classic Xception); the rest are torchvision's.
+    Inception-v3 is built without the auxiliary classifier. ``image_size`` matters only for
+    ``vit_b_16`` (a multiple of 16; default 224; pretrained position embeddings are interpolated)
+    and is checked against Inception-v3's minimum of 75 px; the convolutional nets accept any size.
+    Note: the timm Xception weights were trained on inputs scaled to [-1, 1], our inputs use the
+    ImageNet mean/std (SPEC 3) for every model; fine-tuning absorbs the difference.
+    """
+    _check_name(name)
+    _check_pretrained(pretrained)
+    if image_size is not None and image_size < _MIN_SIZE.get(name, 1):
+        raise ValueError(f"osteo/models.py: {name} needs inputs of at least {_MIN_SIZE[name]} px, got image_size={image_size}")
+    if name == "resnet18_acm":
+        return resnet18_acm(num_classes, pretrained)
+    if name == "resnet18":
+        model = tvm.resnet18(weights=None, num_classes=num_classes)
+    elif name == "inception_v3":
+        model = tvm.inception_v3(weights=None, num_classes=num_classes, aux_logits=False, init_weights=True)
+    elif name == "efficientnet_b0":
+        model = tvm.efficientnet_b0(weights=None, num_classes=num_classes)
+    elif name == "vit_b_16":
+        size = 224 if image_size is None else int(image_size)
+        if size % 16:
+            raise ValueError(f"osteo/models.py: vit_b_16 needs image_size divisible by its patch size 16, got {size}")
+        model = tvm.vit_b_16(weights=None, num_classes=num_classes, image_size=size)
+    else:  # xception
+        import timm
+
+        model = timm.create_model(XCEPTION_TIMM_NAME, pretrained=False, num_classes=num_classes)
+    load_imagenet_weights(model, name, pretrained)
+    return model
+
+
+def gradcam_layer(model: nn.Module, branch: str = "s") -> nn.Module:
+    """The Grad-CAM target layer of a model (SPEC 4, Fig. 4).
+
+    ResNets (with or without ACM): the last block of ``layer4``; TwinNet: that of ``G_s`` or ``G_t``
+    (``branch`` "s" / "t"); Inception-v3: ``Mixed_7c``; EfficientNet-b0: the last feature block;
+    Xception: ``act4`` (the final ReLU); ViT-B/16: ``ln_1`` of the last encoder layer (token maps,
+    which :func:`osteo.gradcam.grad_cam` reshapes to the patch grid).
+    """
+    if isinstance(model, TwinNet):
+        if branch not in ("s", "t"):
+            raise ValueError(f"osteo/models.py: branch must be 's' or 't', got {branch!r}")
+        return (model.G_s if branch == "s" else model.G_t).layer4[-1]
+    if isinstance(model, ResNet):
+        return model.layer4[-1]
+    if isinstance(model, tvm.Inception3):
+        return model.Mixed_7c
+    if isinstance(model, tvm.EfficientNet):
+        return model.features[-1]
+    if isinstance(model, tvm.VisionTransformer):
+        return model.encoder.layers[-1].ln_1
+    if hasattr(model, "act4") and type(model).__name__ == "Xception":
+        return model.act4
+    raise ValueError(f"osteo/models.py: no Grad-CAM layer known for {type(model).__name__}")

@@ -1,0 +1,121 @@
+"""ACM (SPEC 2): the fast module against a literal loop re-computation, special cases, gradients, errors."""
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from osteo.acm import ACM, acm_orthogonality, reference_acm_forward
+
+
+def _acm(channels=64, groups=32, seed=0):
+    torch.manual_seed(seed)
+    m = ACM(channels, groups).double()
+    with torch.no_grad():  # non-zero biases so they are exercised too
+        for p in (m.kq.bias, m.p1.bias, m.p2.bias):
+            p.normal_(0, 0.5)
+    return m
+
+
+@pytest.mark.parametrize("channels,groups,shape", [(64, 32, (2, 5, 7)), (128, 32, (3, 4, 4)), (48, 8, (1, 6, 3))])
+def test_matches_loop_reference(channels, groups, shape):
+    m = _acm(channels, groups)
+    b, h, w = shape
+    x = torch.randn(b, channels, h, w, dtype=torch.float64) * 2 + 0.5
+    y = m(x)
+    y_ref, dp_ref = reference_acm_forward(m, x)
+    assert y.shape == x.shape and m.dp.shape == (b,)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m.dp, dp_ref, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(y, x)  # the module does something
+
+
+def test_channels_last_input_gives_the_same_output():
+    m = _acm()
+    x = torch.randn(2, 64, 6, 5, dtype=torch.float64)
+    y = m(x)
+    dp = m.dp.clone()
+    y2 = m(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y2, y)
+    torch.testing.assert_close(m.dp, dp)
+
+
+def test_identity_when_k_equals_q_and_gate_open():
+    m = _acm()
+    with torch.no_grad():
+        m.kq.weight[1::2] = m.kq.weight[0::2]  # Q map of each group := its K map
+        m.kq.bias[1::2] = m.kq.bias[0::2]
+        m.p2.weight.zero_()
+        m.p2.bias.fill_(50.0)  # sigmoid(50) == 1.0 in float64
+    x = torch.randn(2, 64, 5, 5, dtype=torch.float64)
+    y = m(x)
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
+    # K == Q, so dp = mean(K^2) > 0, and it still matches the reference
+    _, dp_ref = reference_acm_forward(m, x)
+    assert (m.dp > 0).all()
+    torch.testing.assert_close(m.dp, dp_ref)
+
+
+def test_zero_gate_zeroes_output():
+    m = _acm()
+    with torch.no_grad():
+        m.p2.weight.zero_()
+        m.p2.bias.fill_(-1e4)
+    assert m(torch.randn(1, 64, 3, 3, dtype=torch.float64)).abs().max() == 0
+
+
+def test_gradient_reaches_every_parameter_and_input():
+    m = _acm()
+    x = torch.randn(2, 64, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 64, 4, 4, dtype=torch.float64)
+    y = m(x)
+    ((y * w).sum() + m.dp.sum()).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+def test_gradcheck_small_module():
+    m = _acm(channels=4, groups=2)
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: (m(t), m.dp), (x,))
+
+
+def test_init_kaiming_fan_out_zero_bias():
+    torch.manual_seed(0)
+    m = ACM(512, 32)
+    for conv in (m.kq, m.p1, m.p2):
+        assert conv.bias.abs().max() == 0
+    # kaiming normal, fan_out mode: std = sqrt(2 / out_channels) for 1x1 convs
+    std = m.p1.weight.std().item()
+    assert abs(std - (2 / 256) ** 0.5) / (2 / 256) ** 0.5 < 0.05
+
+
+@pytest.mark.parametrize("channels,groups", [(48, 32), (64, 0), (32, 32), (63, 3)])
+def test_bad_groups_raise(channels, groups):
+    with pytest.raises(ValueError, match="osteo/acm.py"):
+        ACM(channels, groups)
+
+
+def test_deepcopy_and_pickle_after_forward():
+    m = _acm()
+    m(torch.randn(1, 64, 3, 3, dtype=torch.float64))
+    assert m.dp is not None and m.dp.grad_fn is not None
+    m2 = copy.deepcopy(m)
+    assert m2.dp is None and m.dp is not None
+    m3 = pickle.loads(pickle.dumps(m))
+    x = torch.randn(1, 64, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(m3(x), m(x))
+
+
+def test_acm_orthogonality_sums_modules():
+    torch.manual_seed(0)
+    net = nn.Sequential(ACM(64), nn.Conv2d(64, 64, 1), ACM(64))
+    with pytest.raises(RuntimeError, match="no dp yet"):
+        acm_orthogonality(net)
+    net(torch.randn(3, 64, 4, 4))
+    total = acm_orthogonality(net)
+    assert total.shape == (3,)
+    torch.testing.assert_close(total, net[0].dp + net[2].dp)
+    assert acm_orthogonality(nn.Sequential(nn.Conv2d(3, 3, 1))) is None
