@@ -5,6 +5,7 @@
     osteo reproduce [--profile auto|smoke|laptop|paper]               run every notebook (papermill)
     osteo report --profile P                                          rebuild results/P/REPORT.md
     osteo predict CHECKPOINT PATH... [--out predictions.csv --gradcam DIR]
+    osteo bench [--image-size 224 --batch-size 128]                   training throughput table
 """
 from __future__ import annotations
 
@@ -118,6 +119,13 @@ def _cmd_predict(a) -> int:
     return predict_files(a.checkpoint, a.paths, out_csv=a.out, gradcam_dir=a.gradcam, device=a.device)
 
 
+def _cmd_bench(a) -> int:
+    from .bench import main as bench_main
+
+    bench_main(a.rest)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osteo", description="osteo-kit: reproduce Choi et al. 2021 (twin ResNet18+ACM).")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -164,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--gradcam", default=None, help="folder for one Grad-CAM PNG per slice")
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_cmd_predict)
+
+    b = sub.add_parser("bench", help="training throughput vs plain ResNet18s (options: see osteo bench -- --help)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

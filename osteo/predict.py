@@ -59,7 +59,7 @@ def predict_files(checkpoint, paths, out_csv="predictions.csv", gradcam_dir=None
         pred = int(prob.argmax())
         row.update(status="ok", predicted=LABELS[pred], **{f"p_{c}": f"{p:.4f}" for c, p in zip(LABELS, prob)})
         if cfg.model == "twin":
-            row["alpha"] = f"{float(model.alpha):.4f}"
+            row["alpha"] = f"{float(model.alpha.detach()):.4f}"
             row["heads_agree"] = str(len({int(l.argmax()) for l in heads.values()}) == 1)
         rows.append(row)
         if gradcam_dir is not None:

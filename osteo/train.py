@@ -380,7 +380,7 @@ def train(
         rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_acc": float(correct) / n}
         rec.update({f"loss_{k}": float(v) for k, v in zip(names, values.mean(0))})
         if cfg.model == "twin":
-            rec["alpha"] = float(model.alpha)
+            rec["alpha"] = float(model.alpha.detach())
         history.append(rec)
         bar.set_postfix(epoch=epoch + 1, loss=f"{rec['loss_total']:.3f}", acc=f"{rec['train_acc']:.2f}")
         if ckpt_path is not None:
@@ -409,7 +409,7 @@ def train(
         main_head="f" if cfg.model == "twin" else "main",
         y_true=data.test.y.cpu().tolist(),
         predictions=preds,
-        alpha=float(model.alpha) if cfg.model == "twin" else None,
+        alpha=float(model.alpha.detach()) if cfg.model == "twin" else None,
         pretrained_used=pretrained_used,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         seconds=seconds,
