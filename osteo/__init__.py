@@ -3,12 +3,13 @@ Pair of Ensemble Models" (two ResNet18+ACM networks on two HU windows of one CT 
 learnable weight alpha; Eqs. 1-5 of the paper).
 """
 from .windowing import HU_MAX, HU_MIN_S, HU_MIN_T, two_views, window
-from .dicom import DicomError, read_hu
-from .manifest import LABELS, ManifestError, load_manifest, split_patients
+from .dicom import DicomError, iter_dicom_files, read_hu
+from .manifest import LABELS, ManifestError, check_split, load_manifest, split_patients
+from .privacy import IDENTIFYING_TAGS, is_synthetic_id, pseudonymize, scrub
 from .synthetic import synthesize
-from .acm import ACM
-from .models import TwinNet, TwinOutput, build_model, resnet18_acm
-from .losses import dissimilarity_loss, twin_loss, twin_loss_terms
+from .acm import ACM, acm_orthogonality
+from .models import MODEL_NAMES, TwinNet, TwinOutput, build_model, default_image_size, gradcam_layer, resnet18_acm
+from .losses import acm_penalty, dissimilarity_loss, twin_loss, twin_loss_terms
 from .gradcam import GradCAM, grad_cam
 from .metrics import classification_report, mcnemar
 from .data import SliceData, load_data
