@@ -19,8 +19,9 @@ $(BIN)/.osteo-installed: pyproject.toml
 
 venv: $(BIN)/.osteo-installed
 
+# The notebooks run under the minutes-long smoke profile in the tests (nbval).
 test: venv
-	$(BIN)/python -m pytest -q
+	OSTEO_PROFILE=smoke $(BIN)/python -m pytest -q
 
 reproduce: venv
 	$(BIN)/osteo reproduce --profile $(PROFILE)

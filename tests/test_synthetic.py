@@ -1,0 +1,246 @@
+"""The synthetic lumbar CT data set (osteo.synthetic): DICOM validity, realism numbers of SPEC section 5,
+class structure, split, determinism, and the HU threshold rule (the "clinical reference")."""
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from osteo.synthetic import LABELS, MANIFEST_COLUMNS, SyntheticError, debug_slice, synthesize, threshold_rule
+
+SMALL = dict(n_per_class=60, size=128, seed=0)
+BIG = dict(n_per_class=400, size=64, seed=0, slices_per_patient=2)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn_small")
+    df = synthesize(out, progress=False, **SMALL)
+    return out, df
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """More patients at a tiny size: for class statistics and the threshold rule."""
+    out = tmp_path_factory.mktemp("syn_big")
+    return synthesize(out, progress=False, **BIG)
+
+
+def _hu(path):
+    ds = pydicom.dcmread(path)
+    return ds, ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+# ---- manifest and files ---------------------------------------------------------------------
+def test_manifest_columns_counts_and_file(small):
+    out, df = small
+    assert list(df.columns[:4]) == ["path", "label", "patient_id", "split"]
+    assert list(df.columns) == list(MANIFEST_COLUMNS)
+    assert df["label"].value_counts().to_dict() == {lab: 60 for lab in LABELS}
+    on_disk = pd.read_csv(out / "manifest.csv")
+    pd.testing.assert_frame_equal(on_disk, df, check_dtype=False)
+    assert all((out / p).is_file() for p in df["path"])
+    assert not list(out.rglob("*.tmp"))
+    # each patient has one label, at most 5 slices, ids pseudonymous
+    per = df.groupby("patient_id").agg(n=("label", "size"), labels=("label", "nunique"))
+    assert (per["labels"] == 1).all() and per["n"].max() == 5
+    assert df["patient_id"].str.fullmatch(r"SYN\d{5}").all()
+    # labels follow the DXA-like T-score
+    t = df["dxa_tscore"]
+    assert (t[df.label == "normal"] > -1).all()
+    assert ((t[df.label == "osteopenia"] > -2.5) & (t[df.label == "osteopenia"] <= -1)).all()
+    assert (t[df.label == "osteoporosis"] <= -2.5).all()
+    assert df["pixel_spacing"].between(0.6, 0.9).all() and df["slice_thickness"].between(1, 5).all()
+    assert set(df["kvp"]) <= {100, 120, 140} and df["noise_sd"].between(10, 30).all()
+    assert df["age"].between(20, 90).all() and set(df["sex"]) <= {"F", "M"}
+
+
+def test_dicom_files_are_ct_with_the_generated_hu(small):
+    out, df = small
+    rows = df.groupby("label").head(2)
+    for r in rows.itertuples():
+        ds, hu = _hu(out / r.path)
+        assert ds.file_meta.MediaStorageSOPClassUID == pydicom.uid.CTImageStorage
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.Modality == "CT" and ds.BodyPartExamined == "LSPINE"
+        assert float(ds.RescaleIntercept) == -1024 and float(ds.RescaleSlope) == 1
+        assert ds.pixel_array.dtype == np.int16 and ds.PixelRepresentation == 1
+        assert ds.PhotometricInterpretation == "MONOCHROME2"
+        assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        assert ds.PatientID == r.patient_id and str(ds.PatientName) == f"Synthetic^{r.patient_id}"
+        assert float(ds.PixelSpacing[0]) == pytest.approx(r.pixel_spacing)
+        assert float(ds.SliceThickness) == r.slice_thickness and int(ds.KVP) == r.kvp
+        assert ds.InstanceNumber == r.slice_index + 1
+        assert (ds.Rows, ds.Columns) == (128, 128)
+        assert hu.min() >= -1024 and hu.max() <= 3071
+        d = debug_slice(r.patient_id, r.slice_index, **SMALL)
+        np.testing.assert_array_equal(hu, d["hu"])  # the file holds exactly what was generated
+        assert d["stats"]["trabecular_hu"] == pytest.approx(r.trabecular_hu, abs=0.01)
+        assert d["phantom"][d["trabecular"]].mean() == pytest.approx(r.trabecular_hu, abs=0.01)
+        assert hu[d["roi"]].mean() == pytest.approx(r.roi_hu, abs=0.01)
+    uids = [pydicom.dcmread(out / p).SOPInstanceUID for p in df["path"][:12]]
+    assert len(set(uids)) == 12 and all(pydicom.uid.UID(u).is_valid for u in uids)
+
+
+def test_fast_series_writer_equals_pydicoms_writer(small):
+    """The writer splices per-slice elements into a header pydicom encoded once; the bytes must be
+    exactly those of pydicom's own ``save_as`` of the whole dataset."""
+    import osteo.synthetic as syn
+
+    out, df = small
+    for pid in df.drop_duplicates("patient_id")["patient_id"][:3]:
+        p = next(q for q in syn._cohort(60, 0, 5) if q.patient_id == pid)
+        rng_a, _ = syn._rngs(0, p)
+        an = syn._anatomy(p, rng_a)
+        w = syn._SeriesWriter(p, an, 0, 128)
+        for k in range(p.n_slices):
+            hu = _hu(out / f"{p.label}/{pid}_{k}.dcm")[1].astype(np.int16)
+            ref = syn._dicom_bytes(syn._dicom_template(p, an, 0, 128), hu, p, an, k, 0)
+            assert w.slice_bytes(hu, k) == ref
+            assert (out / f"{p.label}/{pid}_{k}.dcm").read_bytes() == ref
+
+
+# ---- realism (SPEC section 5), measured in the images ------------------------------------------
+def test_tissue_hu_noise_and_texture_in_the_image(small):
+    _, df = small
+    first = df.drop_duplicates("patient_id").groupby("label").head(3)
+    fat, muscle, noise, noise_ratio, roi_sd, cortex = [], [], [], [], [], []
+    for r in first.itertuples():
+        d = debug_slice(r.patient_id, 0, **SMALL)
+        hu = d["hu"].astype(float)
+        assert d["fat"].sum() > 200 and d["muscle"].sum() > 50 and d["trabecular"].sum() > 300
+        fat.append(hu[d["fat"]].mean())
+        muscle.append(hu[d["muscle"]].mean())
+        n_sd = (hu - d["blurred"])[d["fat"]].std()  # the noise actually in the image, on flat fat
+        noise.append(n_sd)
+        noise_ratio.append(n_sd / r.noise_sd)
+        roi_sd.append(hu[d["roi"]].std())
+        cortex.append(np.median(d["blurred"][d["cortex"]]))
+    assert all(-110 <= v <= -90 for v in fat), fat
+    assert all(40 <= v <= 60 for v in muscle), muscle
+    assert all(10 <= v <= 30 for v in noise), noise
+    assert all(0.85 <= v <= 1.15 for v in noise_ratio), noise_ratio  # manifest's noise_sd is honest
+    assert 25 <= np.median(roi_sd) <= 60 and min(roi_sd) > 15, roi_sd  # low-contrast texture
+    assert all(350 <= v <= 800 for v in cortex), cortex  # thin shell, partial volume (400-750)
+
+
+def test_noise_free_image_is_smooth_and_noise_is_slightly_correlated(small):
+    _, df = small
+    d = debug_slice(df.patient_id[0], 0, **SMALL)
+    n = d["noise"]
+    assert abs(n.mean()) < 3
+    # neighbouring pixels correlate a little (FBP-like NPS), far ones not at all
+    c1 = np.corrcoef(n[:, :-1].ravel(), n[:, 1:].ravel())[0, 1]
+    c8 = np.corrcoef(n[:, :-8].ravel(), n[:, 8:].ravel())[0, 1]
+    assert 0.05 < c1 < 0.7 and abs(c8) < 0.1
+    # fat far from edges is flat before noise
+    assert d["blurred"][d["fat"]].std() < 3
+
+
+# ---- classes, overlap, split, clinical reference ------------------------------------------------
+def test_class_means_are_ordered_realistic_and_overlap(big):
+    df = big
+    assert df["label"].value_counts().to_dict() == {lab: 400 for lab in LABELS}
+    m = df.groupby("label")["trabecular_hu"].mean()
+    assert m["normal"] > m["osteopenia"] > m["osteoporosis"]
+    assert 150 <= m["normal"] <= 210 and 120 <= m["osteopenia"] <= 175 and 90 <= m["osteoporosis"] <= 140, m
+    q25 = df.loc[df.label == "normal", "trabecular_hu"].quantile(0.25)
+    assert (df.loc[df.label == "osteopenia", "trabecular_hu"] > q25).mean() > 0.25
+    assert (df.loc[df.label == "osteoporosis", "trabecular_hu"] > q25).mean() > 0.05
+    # older patients, lower density (SPEC 5: ~2.5 HU/year)
+    pat = df.drop_duplicates("patient_id")
+    slope = np.polyfit(pat["age"], pat["bone_density"], 1)[0]
+    assert -3.2 < slope < -1.5, slope
+
+
+def test_split_is_patient_level_stratified_80_20(big, small):
+    for df in (big, small[1]):
+        tr = set(df.loc[df.split == "train", "patient_id"])
+        te = set(df.loc[df.split == "test", "patient_id"])
+        assert tr and te and not tr & te
+        for lab in LABELS:
+            frac = (df.loc[df.label == lab, "split"] == "test").mean()
+            assert 0.15 <= frac <= 0.21, (lab, frac)
+
+
+def test_threshold_rule_on_test_patients_is_better_than_chance_but_far_from_perfect(big):
+    per = big.groupby("patient_id").agg(trabecular_hu=("trabecular_hu", "mean"), label=("label", "first"),
+                                        split=("split", "first"))
+    train, test = per[per.split == "train"], per[per.split == "test"]
+    pred, (lo, hi) = threshold_rule(train, test, return_thresholds=True)
+    y = test["label"].map({lab: i for i, lab in enumerate(LABELS)}).to_numpy()
+    acc = (pred == y).mean()
+    assert 0.45 < acc < 0.85, acc
+    assert 90 < lo < hi < 220, (lo, hi)
+    assert set(np.unique(pred)) == {0, 1, 2}
+
+
+def test_threshold_rule_finds_the_gaps_of_separable_data():
+    g = np.random.default_rng(0)
+    train = pd.DataFrame({"x": np.r_[g.uniform(200, 250, 30), g.uniform(120, 160, 30), g.uniform(40, 90, 30)],
+                          "label": np.repeat(LABELS, 30)})
+    test = pd.DataFrame({"x": [300.0, 180.0, 140.0, 100.0, 10.0]})
+    pred, (lo, hi) = threshold_rule(train, test, column="x", return_thresholds=True)
+    x = {lab: train.loc[train.label == lab, "x"] for lab in LABELS}
+    assert x["osteoporosis"].max() <= lo < x["osteopenia"].min()
+    assert x["osteopenia"].max() <= hi < x["normal"].min()
+    # ties are broken towards the middle of the gaps: (90, 120) and (160, 200) here
+    assert 100 < lo < 110 and 170 < hi < 190, (lo, hi)
+    np.testing.assert_array_equal(pred, [0, 0 if hi < 180 else 1, 1, 2, 2])
+    with pytest.raises(KeyError, match="lacks"):
+        threshold_rule(train, test, column="trabecular_hu")
+
+
+# ---- determinism, overwrite, interruption -----------------------------------------------------
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    kw = dict(n_per_class=4, size=64, slices_per_patient=3, progress=False)
+    a = synthesize(tmp_path / "a", seed=7, **kw)
+    b = synthesize(tmp_path / "b", seed=7, **kw)
+    c = synthesize(tmp_path / "c", seed=8, **kw)
+    d = synthesize(tmp_path / "d", seed=7, workers=2, **kw)  # worker processes: the same bytes
+    assert (tmp_path / "a/manifest.csv").read_bytes() == (tmp_path / "b/manifest.csv").read_bytes()
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(a, d)
+    assert a["label"].value_counts().to_dict() == {lab: 4 for lab in LABELS}
+    for p in a["path"]:
+        np.testing.assert_array_equal(_hu(tmp_path / "a" / p)[1], _hu(tmp_path / "b" / p)[1])
+        assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes()
+        assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "d" / p).read_bytes()
+    assert not a["dxa_tscore"].equals(c["dxa_tscore"])
+    assert not np.array_equal(_hu(tmp_path / "a" / a.path[0])[1], _hu(tmp_path / "c" / c.path[0])[1])
+
+
+def test_existing_manifest_needs_overwrite_and_overwrite_removes_old_files(tmp_path):
+    kw = dict(size=48, progress=False)
+    old = synthesize(tmp_path, n_per_class=6, **kw)
+    with pytest.raises(SyntheticError, match="manifest.csv already exists"):
+        synthesize(tmp_path, n_per_class=3, **kw)
+    new = synthesize(tmp_path, n_per_class=3, overwrite=True, slices_per_patient=2, **kw)
+    assert len(new) == 9
+    left = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.dcm")}
+    assert left == set(new["path"]) and set(old["path"]) - left
+
+
+def test_interrupted_run_leaves_no_manifest(tmp_path, monkeypatch):
+    import osteo.synthetic as syn
+
+    calls = {"n": 0}
+    real = syn._SeriesWriter.slice_bytes
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(syn._SeriesWriter, "slice_bytes", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        syn.synthesize(tmp_path, n_per_class=4, size=48, progress=False)
+    assert not (tmp_path / "manifest.csv").exists()
+    assert len(list(tmp_path.rglob("*.dcm"))) == 5
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="n_per_class"):
+        synthesize("/nonexistent-never-written", n_per_class=0, progress=False)
+    with pytest.raises(KeyError, match="no patient"):
+        debug_slice("SYN99999", 0, n_per_class=2, size=48)
