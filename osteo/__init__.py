@@ -6,7 +6,7 @@ from .windowing import HU_MAX, HU_MIN_S, HU_MIN_T, two_views, window
 from .dicom import DicomError, iter_dicom_files, read_hu
 from .manifest import LABELS, ManifestError, check_split, load_manifest, split_patients
 from .privacy import IDENTIFYING_TAGS, is_synthetic_id, pseudonymize, scrub
-from .synthetic import synthesize
+from .synthetic import SyntheticError, debug_slice, synthesize, threshold_rule
 from .acm import ACM, acm_orthogonality
 from .models import MODEL_NAMES, TwinNet, TwinOutput, build_model, default_image_size, gradcam_layer, resnet18_acm
 from .losses import acm_penalty, dissimilarity_loss, twin_loss, twin_loss_terms
