@@ -13,7 +13,7 @@ from .losses import acm_penalty, dissimilarity_loss, twin_loss, twin_loss_terms
 from .gradcam import GradCAM, grad_cam
 from .metrics import classification_report, mcnemar
 from .data import SliceData, load_data
-from .train import TrainConfig, TrainResult, evaluate, load_model, train
+from .training import TrainConfig, TrainResult, evaluate, load_model, train
 from .experiments import Experiments, resolve_profile
 
 __version__ = "0.1.0"

@@ -71,7 +71,7 @@ def plain_resnet_step(dev, batch, size, compile_: bool, n_models: int):
 
 
 def twin_steps(dev, batch, size):
-    from osteo.train import TrainConfig, forward_heads, loss_terms, make_model
+    from osteo.training import TrainConfig, forward_heads, loss_terms, make_model
     from osteo.windowing import to_network_input
 
     cfg = TrainConfig(image_size=size, batch_size=batch, pretrained=False, device=str(dev))

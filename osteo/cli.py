@@ -28,7 +28,7 @@ def _cmd_synth(a) -> int:
 
 def _cmd_train(a) -> int:
     from .data import load_data
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     cfg = TrainConfig(
         model=a.model, inputs=tuple(a.inputs) if a.inputs else (("s", "t") if a.model == "twin" else ("t",)),

@@ -22,7 +22,7 @@ import torch
 
 from .data import SliceData, load_data
 from .metrics import wilson_interval
-from .train import TrainConfig, TrainResult, train
+from .training import TrainConfig, TrainResult, train
 
 PROFILE_NAMES = ("smoke", "laptop", "paper")
 

@@ -294,7 +294,7 @@ def classwise_accuracy(results, heads=("s", "t")) -> dict:
 
 def classwise_bars(results, heads=("s", "t"), names=None, title=None) -> Figure:
     """Fig. 3 of the paper: class-wise test accuracy of G_s and G_t, the twin's heads ``s`` and ``t``
-    of a :class:`osteo.train.TrainResult` (or the mean over a list of them, one per seed, with each
+    of a :class:`osteo.training.TrainResult` (or the mean over a list of them, one per seed, with each
     seed as a dot)."""
     results = results if isinstance(results, (list, tuple)) else [results]
     names = names or {"s": "G_s (on x_s)", "t": "G_t (on x_t)"}
@@ -376,7 +376,7 @@ def setup_summary(exp) -> str:
     """What a notebook runs with: profile, data, results folder (relative), torch and the device."""
     import torch
 
-    from .train import resolve_device
+    from .training import resolve_device
 
     p = exp.profile
     dev = resolve_device(p.device)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import resize_hu
 from .dicom import DicomError, iter_dicom_files, read_hu
 from .manifest import LABELS
-from .train import forward_heads, head_logits, load_model, resolve_device
+from .training import forward_heads, head_logits, load_model, resolve_device
 from .windowing import to_network_input
 
 COLUMNS = ["file", "status", "error", "predicted", *[f"p_{c}" for c in LABELS], "alpha", "heads_agree"]

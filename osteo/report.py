@@ -54,7 +54,7 @@ def write_report(profile_dir, out_path=None) -> Path:
         meta = json.loads(f.read_text())
         profile = profile or meta.get("profile")
         rows = meta["rows"]
-        parts += [f"## {meta.get('title', name)}", ""]
+        parts += [f"## {EXTRA_TABLES.get(name) or meta.get('title', name)}", ""]
         if name in TABLES:
             for r in rows:
                 r["ci"] = f"{r['ci95_low']:.1f}-{r['ci95_high']:.1f}"

@@ -8,7 +8,7 @@ import pytest
 
 import osteo
 from osteo.cli import main as osteo_main
-from osteo.train import CheckpointError, TrainConfig
+from osteo.training import CheckpointError, TrainConfig
 
 PLANTED = {
     "PatientName": "Doe^Janet",

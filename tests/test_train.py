@@ -6,12 +6,8 @@ import pytest
 import torch
 
 import osteo
-import sys
-
-import osteo.train  # noqa: F401  (the submodule; `osteo.train` itself is the function)
-
-T = sys.modules["osteo.train"]
-from osteo.train import CheckpointError, TrainConfig, TrainingInterrupted, load_checkpoint, train
+import osteo.training as T
+from osteo.training import CheckpointError, TrainConfig, TrainingInterrupted, load_checkpoint, train
 
 
 def small(**kw):

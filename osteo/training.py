@@ -320,13 +320,14 @@ def train(
         if state["config"] != cfg.to_dict():
             raise CheckpointError(f"{ckpt_path}: made with another config; remove the folder or pick another out_dir")
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         history = json.loads(state["history"])
         start_epoch = int(state["epoch"])
         seconds = float(state.get("seconds", 0.0))
         pretrained_used = bool(state.get("pretrained_used", pretrained_used))
-        _set_rng_state(state["rng"], device)
+        if start_epoch < cfg.epochs:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"], device)
 
     train_set = data.train.to(device)
     n = len(train_set)
@@ -400,6 +401,13 @@ def train(
                 },
             )
     bar.close()
+    if ckpt_path is not None:
+        # The run is complete: keep the weights, drop the optimizer state (2/3 of the file) that
+        # only resuming needs. ``epoch == epochs`` marks it final.
+        state = load_checkpoint(ckpt_path)
+        for k in ("optimizer", "scheduler", "rng"):
+            state.pop(k, None)
+        save_checkpoint(ckpt_path, state)
 
     metrics, preds = evaluate(model, cfg, data.test, device)
     result = TrainResult(

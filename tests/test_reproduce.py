@@ -1,0 +1,76 @@
+"""`osteo reproduce --profile smoke`: the whole notebook batch, headless, as the README runs it.
+
+This is the longest test (minutes on 2 cores). It writes results/smoke/ in the checkout; the
+notebook run by nbval afterwards reuses its cached experiments.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from osteo.experiments import TABLES
+from test_notebooks_clean import ABSOLUTE_PATH, EXPECTED, IDENTIFIERS, _output_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "smoke"
+FIGURES = ["00_slices_per_class", "00_hu_histograms", "01_windows", "01_grey_levels", "02_loss_curves", "02_alpha",
+           "02_confusion", "table2", "table3", "table4", "05_alpha_learned", "table5", "table5_clinical", "fig3", "fig4"]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    env = dict(os.environ, OSTEO_PROFILE="smoke", PYTHONUNBUFFERED="1")
+    osteo_cmd = Path(sys.executable).with_name("osteo")
+    proc = subprocess.run([str(osteo_cmd), "reproduce", "--profile", "smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, f"osteo reproduce failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_every_table_has_its_rows_with_numbers(batch):
+    for name, spec in TABLES.items():
+        meta = json.loads((OUT / "tables" / f"{name}.json").read_text())
+        rows = meta["rows"]
+        assert [r["model"] for r in rows] == [label for label, _, _ in spec["rows"]]
+        for r, (_, _, paper) in zip(rows, spec["rows"]):
+            assert r["paper_acc"] == paper
+            assert 0 <= r["ci95_low"] <= r["acc"] <= r["ci95_high"] <= 100
+            assert r["gap_to_paper"] == pytest.approx(r["acc"] - paper, abs=0.02)
+            assert len(r["per_seed"]) == len(r["seeds"]) == 1
+
+
+def test_extra_tables_and_figures(batch):
+    fig3 = json.loads((OUT / "tables" / "fig3.json").read_text())["rows"]
+    assert sorted(r["head"][:3] for r in fig3) == ["G_s", "G_t"]  # one seed in smoke
+    for r in fig3:
+        assert all(0 <= r[c] <= 100 for c in ("normal", "osteopenia", "osteoporosis", "overall"))
+    mc = json.loads((OUT / "tables" / "mcnemar.json").read_text())["rows"]
+    assert mc and all(0 <= r["p_value"] <= 1 for r in mc)
+    for f in FIGURES:
+        p = OUT / "figures" / f"{f}.png"
+        assert p.is_file() and p.stat().st_size > 5000, p
+
+
+def test_report_lists_every_table_beside_the_paper(batch):
+    report = (OUT / "REPORT.md").read_text()
+    for spec in TABLES.values():
+        assert spec["title"] in report
+    assert "77.11" in report and "synthetic" in report
+    assert "Fig. 3" in report and "Paired test" in report
+
+
+def test_executed_notebooks_leak_no_path_or_identifier(batch):
+    executed = sorted((OUT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert [p.stem for p in executed] == EXPECTED
+    for path in executed:
+        nb = nbformat.read(path, as_version=4)
+        for where, text in _output_texts(nb):
+            m = ABSOLUTE_PATH.search(text)
+            assert m is None, f"{path.name} cell {where}: absolute path: ...{text[max(0, m.start() - 60):m.end() + 60]}"
+            for ident in IDENTIFIERS:
+                assert ident not in text, f"{path.name} cell {where}: output shows {ident!r}"
+        assert not [c for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
