@@ -282,12 +282,15 @@ def train(
     out_dir=None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    checkpoint_every_s: float = 30.0,
 ) -> TrainResult:
     """Train ``config`` on ``data`` and evaluate the last epoch's model on the test split.
 
     With ``out_dir``, a checkpoint is written after every epoch (``checkpoint.pt``) and the result
     (``result.json``) at the end; calling again with the same config returns the saved result, and
-    an interrupted run resumes from its last checkpoint. ``stop_after_steps`` stops training early
+    an interrupted run resumes from its last checkpoint. Checkpoints are written at the end of an
+    epoch once ``checkpoint_every_s`` seconds have passed since the last one (0: every epoch), and
+    always after the last epoch, so fast GPU epochs do not wait on the disk. ``stop_after_steps`` stops training early
     (raising :class:`TrainingInterrupted`; tests use it to simulate a kill mid-epoch).
     """
     cfg = config
@@ -343,6 +346,7 @@ def train(
         leave=False,
     )
     steps_done = 0
+    last_save = time.perf_counter()
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -384,30 +388,22 @@ def train(
             rec["alpha"] = float(model.alpha.detach())
         history.append(rec)
         bar.set_postfix(epoch=epoch + 1, loss=f"{rec['loss_total']:.3f}", acc=f"{rec['train_acc']:.2f}")
-        if ckpt_path is not None:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "config": cfg.to_dict(),
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "history": json.dumps(history),
-                    "rng": _rng_state(device),
-                    "seconds": seconds,
-                    "pretrained_used": pretrained_used,
-                },
-            )
+        last_epoch = epoch + 1 == cfg.epochs
+        if ckpt_path is not None and (last_epoch or time.perf_counter() - last_save >= checkpoint_every_s):
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "config": cfg.to_dict(),
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "history": json.dumps(history),
+                "seconds": seconds,
+                "pretrained_used": pretrained_used,
+            }
+            if not last_epoch:  # only resuming needs these (2/3 of the file); a finished run keeps the weights
+                state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=_rng_state(device))
+            save_checkpoint(ckpt_path, state)
+            last_save = time.perf_counter()
     bar.close()
-    if ckpt_path is not None:
-        # The run is complete: keep the weights, drop the optimizer state (2/3 of the file) that
-        # only resuming needs. ``epoch == epochs`` marks it final.
-        state = load_checkpoint(ckpt_path)
-        for k in ("optimizer", "scheduler", "rng"):
-            state.pop(k, None)
-        save_checkpoint(ckpt_path, state)
 
     metrics, preds = evaluate(model, cfg, data.test, device)
     result = TrainResult(

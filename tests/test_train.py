@@ -47,7 +47,8 @@ def test_interrupted_run_resumes_to_identical_weights(separable, tmp_path):
     full = train(cfg, separable, out_dir=tmp_path / "full", progress=False)
     steps_per_epoch = -(-len(separable.train) // cfg.batch_size)
     with pytest.raises(TrainingInterrupted):
-        train(cfg, separable, out_dir=tmp_path / "cut", progress=False, stop_after_steps=steps_per_epoch + 1)
+        train(cfg, separable, out_dir=tmp_path / "cut", progress=False, stop_after_steps=steps_per_epoch + 1,
+              checkpoint_every_s=0)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
     resumed = train(cfg, separable, out_dir=tmp_path / "cut", progress=False)
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
@@ -85,6 +86,7 @@ def test_nan_loss_names_epoch_step_and_term(separable, monkeypatch):
         train(small(epochs=3), separable, progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_foreign_or_damaged_checkpoints_are_refused(tmp_path):
     class Evil:
         def __reduce__(self):
