@@ -34,3 +34,13 @@ def make_separable(n_per_class=24, size=32, seed=0, test_fraction=0.25):
 @pytest.fixture(scope="session")
 def separable():
     return make_separable()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need an NVIDIA GPU: skipped (with the reason) where torch sees none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -97,3 +97,24 @@ def test_predict_refuses_a_foreign_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="not an osteo checkpoint"):
         osteo_main(["predict", str(tmp_path / "x.pt"), str(tmp_path)])
+
+
+@pytest.mark.parametrize("notebook", ["00_data", "02_train_twin", "08_gradcam"])
+def test_notebooks_on_identified_data_show_no_identifier(hospital, tmp_path, monkeypatch, notebook):
+    """The teaching notebooks, run on the planted folder (as a hospital user would, via OSTEO_DATA),
+    write no identifier into their outputs, results or figures."""
+    import papermill as pm
+
+    root, scans = hospital
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("OSTEO_DATA", str(scans))
+    monkeypatch.setenv("OSTEO_ROOT", str(tmp_path))  # results/ and data/ go to the temporary folder
+    monkeypatch.setenv("OSTEO_PROFILE", "smoke")
+    out = tmp_path / f"{notebook}.ipynb"
+    pm.execute_notebook(str(repo / "notebooks" / f"{notebook}.ipynb"), str(out), parameters={"profile": "smoke"},
+                        cwd=str(repo / "notebooks"), kernel_name="python3", progress_bar=False)
+    text = _all_text(tmp_path)
+    assert "Table" in text or "HU" in text  # the outputs are there to be searched
+    for tag, value in PLANTED.items():
+        for needle in {value, "Janet", "MRN-555", "ACC771", "19470312"}:
+            assert needle not in text, f"{needle!r} ({tag}) leaked into {notebook}'s outputs or results"
