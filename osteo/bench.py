@@ -71,7 +71,7 @@ def plain_resnet_step(dev, batch, size, compile_: bool, n_models: int):
 
 
 def twin_steps(dev, batch, size):
-    from osteo.training import TrainConfig, forward_heads, loss_terms, make_model
+    from osteo.training import TrainConfig, forward_heads, make_model, train_step
     from osteo.windowing import to_network_input
 
     cfg = TrainConfig(image_size=size, batch_size=batch, pretrained=False, device=str(dev))
@@ -84,13 +84,8 @@ def twin_steps(dev, batch, size):
     y = torch.randint(0, 3, (batch,), device=dev)
     amp = dev.type == "cuda"
 
-    def train_step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            out = forward_heads(model, cfg, hu)
-            terms = loss_terms(model, cfg, out, y)
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        opt.step()
+    def step():
+        train_step(model, cfg, opt, hu, y, amp)
 
     @torch.no_grad()
     def eval_step():
@@ -102,7 +97,7 @@ def twin_steps(dev, batch, size):
         to_network_input(hu, "s")
         to_network_input(hu, "t")
 
-    return train_step, eval_step, data_step
+    return step, eval_step, data_step
 
 
 def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, device="auto", out_dir="results/bench") -> dict:

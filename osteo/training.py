@@ -188,6 +188,17 @@ def loss_terms(model, cfg: TrainConfig, out, y: torch.Tensor) -> dict:
     return terms
 
 
+def train_step(model, cfg: TrainConfig, opt, hu: torch.Tensor, y: torch.Tensor, amp: bool):
+    """One optimisation step on a HU batch (bf16 autocast when ``amp``); returns (output, loss terms)."""
+    with torch.autocast(hu.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = forward_heads(model, cfg, hu)
+        terms = loss_terms(model, cfg, out, y)
+    opt.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    opt.step()
+    return out, terms
+
+
 def head_logits(cfg: TrainConfig, out) -> dict:
     """Logits of each head: twin -> f (the model's prediction), s, t; single -> main."""
     if cfg.model == "twin":
@@ -357,12 +368,7 @@ def train(
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             hu, y = train_set.hu[idx], train_set.y[idx]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = forward_heads(model, cfg, hu)
-                terms = loss_terms(model, cfg, out, y)
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            opt.step()
+            out, terms = train_step(model, cfg, opt, hu, y, amp)
             names = list(terms)
             rows.append(torch.stack([terms[k].detach().float() for k in names]))
             main = head_logits(cfg, out)["f" if cfg.model == "twin" else "main"]

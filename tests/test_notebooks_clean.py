@@ -112,8 +112,8 @@ def test_executed_notebooks_exist_or_say_why():
     assert [p.stem for p in EXECUTED] == EXPECTED
 
 
-@pytest.mark.parametrize("path", EXECUTED, ids=lambda p: p.stem)
-def test_executed_notebook_leaks_no_path_or_identifier(path):
+def assert_executed_notebook_clean(path):
+    """No absolute path, no identifier tag name, no error cell in an executed notebook."""
     nb = nbformat.read(path, as_version=4)
     for where, text in _output_texts(nb):
         m = ABSOLUTE_PATH.search(text)
@@ -122,3 +122,8 @@ def test_executed_notebook_leaks_no_path_or_identifier(path):
             assert ident not in text, f"{path.name} cell {where}: output shows {ident!r}"
     errors = [i for i, c in enumerate(nb.cells) for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"{path.name}: cells {errors} ended in an error"
+
+
+@pytest.mark.parametrize("path", EXECUTED, ids=lambda p: p.stem)
+def test_executed_notebook_leaks_no_path_or_identifier(path):
+    assert_executed_notebook_clean(path)

@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from osteo.experiments import TABLES
-from test_notebooks_clean import ABSOLUTE_PATH, EXPECTED, IDENTIFIERS, _output_texts
+from test_notebooks_clean import EXPECTED, assert_executed_notebook_clean
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "smoke"
@@ -67,10 +66,4 @@ def test_executed_notebooks_leak_no_path_or_identifier(batch):
     executed = sorted((OUT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     assert [p.stem for p in executed] == EXPECTED
     for path in executed:
-        nb = nbformat.read(path, as_version=4)
-        for where, text in _output_texts(nb):
-            m = ABSOLUTE_PATH.search(text)
-            assert m is None, f"{path.name} cell {where}: absolute path: ...{text[max(0, m.start() - 60):m.end() + 60]}"
-            for ident in IDENTIFIERS:
-                assert ident not in text, f"{path.name} cell {where}: output shows {ident!r}"
-        assert not [c for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert_executed_notebook_clean(path)
