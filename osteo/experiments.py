@@ -121,13 +121,15 @@ def project_root() -> Path:
 
 def data_id(data: SliceData) -> str:
     """A short fingerprint of a data set: which slices (paths relative to their common folder, so
-    the key does not depend on where the kit is checked out), labels, split and image size."""
+    the key does not depend on where the kit is checked out), their pixels, labels, split and image
+    size. A regenerated or edited data set therefore never reuses stale cached runs."""
     h = hashlib.sha256(str(data.image_size).encode())
     paths = data.train.path + data.test.path
     base = os.path.commonpath(paths) if paths else ""
     for s in (data.train, data.test):
         h.update("|".join(os.path.relpath(p, base) for p in s.path).encode())
         h.update(s.y.numpy().tobytes())
+        h.update(hashlib.blake2b(s.hu.cpu().numpy().tobytes(), digest_size=16).digest())  # the pixels too
     return h.hexdigest()[:16]
 
 
@@ -145,6 +147,7 @@ class Experiments:
     data_dir: Path | str | None = None  # where the synthetic set is made; default <project>/data
     progress: bool = True
     _data: dict = field(default_factory=dict, repr=False)
+    _ids: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.profile, Profile):
@@ -160,13 +163,17 @@ class Experiments:
         src = self.data_source or os.environ.get("OSTEO_DATA")
         if src:
             return Path(src)
-        from .synthetic import synthesize
+        from .synthetic import MANIFEST_COLUMNS, synthesize
 
         p = self.profile
         d = self.data_dir / f"synthetic-{p.name}"
-        if not (d / "manifest.csv").exists():
-            synthesize(d, n_per_class=p.n_per_class, size=p.synth_size, seed=0, progress=self.progress)
-        return d / "manifest.csv"
+        m = d / "manifest.csv"
+        stale = m.exists() and tuple(pd.read_csv(m, nrows=0).columns) != MANIFEST_COLUMNS
+        if stale:
+            print(f"{m.name} in data/{d.name} was written by an older generator: making the set again")
+        if stale or not m.exists():
+            synthesize(d, n_per_class=p.n_per_class, size=p.synth_size, seed=0, progress=self.progress, overwrite=stale)
+        return m
 
     def data(self, image_size: int | None = None) -> SliceData:
         size = image_size or self.profile.image_size
@@ -194,12 +201,14 @@ class Experiments:
 
     def run(self, cfg: TrainConfig) -> TrainResult:
         """Train (or load from the cache) one config."""
-        data = self.data(cfg.image_size)
-        key = cfg.key(data_id(data))
-        return train(cfg, data, out_dir=self.out / "runs" / key, progress=self.progress)
+        return train(cfg, self.data(cfg.image_size), out_dir=self.run_dir(cfg), progress=self.progress)
 
     def run_dir(self, cfg: TrainConfig) -> Path:
-        return self.out / "runs" / cfg.key(data_id(self.data(cfg.image_size)))
+        """The cache folder of one config on this data: ``results/<profile>/runs/<key>``."""
+        size = cfg.image_size
+        if size not in self._ids:
+            self._ids[size] = data_id(self.data(size))
+        return self.out / "runs" / cfg.key(self._ids[size])
 
     def run_seeds(self, **overrides) -> list:
         return [self.run(self.config(seed=s, **overrides)) for s in self.profile.seeds]
