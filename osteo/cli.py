@@ -20,7 +20,8 @@ NOTEBOOK_OF = {"table2": "03", "table3": "04", "table4": "05", "table5": "06", "
 def _cmd_synth(a) -> int:
     from .synthetic import synthesize
 
-    df = synthesize(a.out_dir, n_per_class=a.n_per_class, size=a.size, seed=a.seed, overwrite=a.overwrite)
+    df = synthesize(a.out_dir, n_per_class=a.n_per_class, size=a.size, seed=a.seed,
+                    slices_per_patient=a.slices_per_patient, overwrite=a.overwrite)
     print(f"wrote {len(df)} slices of {df['patient_id'].nunique()} patients to {a.out_dir}/manifest.csv")
     return 0
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-per-class", type=int, default=1500)
     s.add_argument("--size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--slices-per-patient", type=int, default=5)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_synth)
 

@@ -39,14 +39,18 @@ class Profile:
     vit_epochs: int
     batch_size: int
     seeds: tuple
+    slices_per_patient: int = 5  # synthetic slices per patient (neighbouring levels)
     device: str = "auto"
     note: str = ""
 
 
 PROFILES = {
-    "smoke": Profile("smoke", 24, 128, 64, 2, 2, 24, (0,), "cpu", "CI: checks that everything runs; numbers mean nothing"),
-    "laptop": Profile("laptop", 200, 192, 96, 12, 12, 32, (0,), "auto", "CPU in about 30 minutes; small, noisy numbers"),
-    "paper": Profile("paper", 1500, 256, 224, 60, 500, 128, (0, 1, 2), "auto", "the paper's sizes; needs a GPU"),
+    "smoke": Profile("smoke", 24, 128, 64, 2, 2, 24, (0,), 2, "cpu",
+                     "CI: checks that everything runs; the numbers mean nothing"),
+    "laptop": Profile("laptop", 120, 128, 64, 8, 8, 32, (0,), 2, "auto",
+                      "CPU, about half an hour on 2 cores; small and noisy: a teaching run, not a reproduction"),
+    "paper": Profile("paper", 1500, 256, 224, 60, 500, 128, (0, 1, 2), 5, "auto",
+                     "the paper's sizes and hyperparameters; needs a GPU"),
 }
 
 
@@ -168,11 +172,16 @@ class Experiments:
         p = self.profile
         d = self.data_dir / f"synthetic-{p.name}"
         m = d / "manifest.csv"
-        stale = m.exists() and tuple(pd.read_csv(m, nrows=0).columns) != MANIFEST_COLUMNS
-        if stale:
-            print(f"{m.name} in data/{d.name} was written by an older generator: making the set again")
+        stale = False
+        if m.exists():
+            old = pd.read_csv(m)
+            stale = (tuple(old.columns) != MANIFEST_COLUMNS or len(old) != 3 * p.n_per_class
+                     or old.groupby("patient_id").size().max() != p.slices_per_patient)
+            if stale:
+                print(f"data/{d.name} was made by an older generator or for other profile sizes: making it again")
         if stale or not m.exists():
-            synthesize(d, n_per_class=p.n_per_class, size=p.synth_size, seed=0, progress=self.progress, overwrite=stale)
+            synthesize(d, n_per_class=p.n_per_class, size=p.synth_size, seed=0, slices_per_patient=p.slices_per_patient,
+                       progress=self.progress, overwrite=stale)
         return m
 
     def data(self, image_size: int | None = None) -> SliceData:
