@@ -665,8 +665,10 @@ pd.DataFrame({"true": [osteo.LABELS[int(y)] for y in target],
 **The paper's reading** of its Fig. 4: the twin's branches concentrate on the vertebra more than
 ResNet18+ACM, which (for osteoporosis) also weighs regions outside the spine, and `G_s` and `G_t` look at
 different regions. With the `smoke` profile (2 epochs) the maps are close to noise; look at them after the
-`laptop` or `paper` profile. Grad-CAM is at the resolution of `layer4` (1/32 of the input), so maps are
-coarse."""),
+`laptop` or `paper` profile. Grad-CAM is at the resolution of `layer4` (1/32 of the input: 2 x 2 cells
+at the laptop profile's 64 px, 7 x 7 at 224 px), so maps are coarse. A map that stays dark everywhere
+is an answer too: no region raised the score of that class (the ReLU of Grad-CAM removes negative
+evidence), which is what happens for a class the network rarely predicts, often osteopenia."""),
     (MD, """\
 ## Try this
 1. Explain the *predicted* class instead of the true one: `target=out.logits_f.argmax(1)`.

@@ -48,7 +48,7 @@ PROFILES = {
     "smoke": Profile("smoke", 24, 128, 64, 2, 2, 24, (0,), 2, "cpu",
                      "CI: checks that everything runs; the numbers mean nothing"),
     "laptop": Profile("laptop", 120, 128, 64, 8, 8, 32, (0,), 2, "auto",
-                      "CPU, about half an hour on 2 cores; small and noisy: a teaching run, not a reproduction"),
+                      "CPU, about 20 minutes on 2 cores; small and noisy: a teaching run, not a reproduction"),
     "paper": Profile("paper", 1500, 256, 224, 60, 500, 128, (0, 1, 2), 5, "auto",
                      "the paper's sizes and hyperparameters; needs a GPU"),
 }
