@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 
 from osteo.manifest import LABELS, ManifestError, check_split, load_manifest, split_patients
 from osteo.privacy import IDENTIFYING_TAGS, dataset_identifiers, get_salt, is_synthetic_id, pseudonymize, scrub
+from test_dicom import make_ct, save
 
 
 @pytest.fixture(autouse=True)
@@ -22,26 +22,14 @@ def _isolated_salt(tmp_path, monkeypatch):
 
 
 def write_ct(path: Path, patient_id=None, name="Doe^Jane"):
-    """A tiny valid CT DICOM file (header is what the manifest reads)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.PatientName = name
-    if patient_id is not None:
+    """A tiny valid CT DICOM file (header is what the manifest reads); no PatientID when None."""
+    ds = make_ct(np.zeros((4, 4), np.int16), slope=1, intercept=-1024, PatientName=name)
+    if patient_id is None:
+        del ds.PatientID
+    else:
         ds.PatientID = patient_id
-    ds.Rows = ds.Columns = 4
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.PixelData = np.zeros((4, 4), np.int16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return save(ds, path)
 
 
 def touch(path: Path) -> Path:
