@@ -56,10 +56,10 @@ def header(title: str, shows: str, needs: str, smoke: str, laptop: str, paper: s
 
 **What it needs.** {needs}
 
-**How long (approx.; rough estimates until measured times replace them).** profile `smoke`: {smoke} ·
-profile `laptop`: {laptop} (both on a 2-core CPU; faster with more cores) · profile `paper`: {paper} on one
-NVIDIA H100. Runs that an earlier notebook already trained are loaded from the cache under
-`results/<profile>/runs/` and take seconds.
+**How long.** profile `smoke`: {smoke} · profile `laptop`: {laptop} (both measured on a 2-core CPU,
+notebooks run in order by `osteo reproduce`; faster with more cores) · profile `paper`: {paper} on one
+NVIDIA H100 (approx.: an estimate, not measured yet). Runs that an earlier notebook already trained are loaded
+from the cache under `results/<profile>/runs/` and take seconds.
 
 *Profiles:* `smoke` only checks that everything runs (its numbers mean nothing), `laptop` gives small but
 readable numbers on a CPU, `paper` uses the paper's sizes (4500 slices, 224 px, 60 epochs, three seeds)
@@ -94,7 +94,7 @@ NOTEBOOKS["00_data"] = [
         "example slices of each class in the two windows of Eq. (1); the distribution of trabecular HU per "
         "class; how to point the kit at your own DICOM folder.",
         "nothing: on first use the synthetic data set is written as DICOM files under `data/`.",
-        "about 15 s", "about 1 min", "about 3 min (writing 4500 DICOM slices)")),
+        "10 s", "15 s", "about 1 min (writing 4500 DICOM slices)")),
     (PARAMS, PARAMETERS + "\nn_examples = 3  # example slices shown per class"),
     (MD, "## Setup\nImports, and the experiment runner for the chosen profile (it knows the sizes, the data and where results go)."),
     (CODE, SETUP),
@@ -205,7 +205,7 @@ NOTEBOOKS["01_preprocessing"] = [
         "window keeps and loses; why the kit keeps the windows as floating point numbers rather than 8-bit "
         "grey levels.",
         "the data of notebook 00 (made on first use if missing).",
-        "about 10 s", "about 10 s", "about 30 s")),
+        "7 s", "8 s", "about 30 s")),
     (PARAMS, PARAMETERS),
     (MD, "## Setup"),
     (CODE, SETUP),
@@ -292,7 +292,7 @@ NOTEBOOKS["02_train_twin"] = [
         "dissimilarity loss (Eqs. 2-5); the loss terms per epoch; alpha over the epochs; the test "
         "confusion matrix of each head; where the checkpoint is.",
         "the data of notebook 00. Trains on a CUDA GPU when there is one (profile `smoke` always uses the CPU).",
-        "about 1 min", "about 5 min", "about 3 min")),
+        "12 s", "65 s", "about 3 min")),
     (PARAMS, PARAMETERS),
     (MD, "## Setup"),
     (CODE, SETUP),
@@ -440,7 +440,7 @@ compare(table2, "Ours", "Ours - L_dis")
 compare(table2, "Ours - L_dis", "ResNet18+ACM (x_t alone)")
 compare(table2, "ResNet18+ACM (x_t alone)", "ResNet18+ACM (x_s alone)")'''),
     ],
-    ("about 1.5 min", "about 15 min", "about 20 min"),
+    ("15 s", "2 min", "about 20 min"),
     """\
 1. Is λ = 0.1 a good choice? Train `exp.run_seeds(**dict(OURS, lam=0.3))` and compare with the `Ours` row.
 2. `dis` is cos(g_s, g_t): 1 when the two feature vectors point the same way, 0 when orthogonal. Compare its
@@ -465,7 +465,7 @@ are no better than one network (Table 2), so the views, not the doubling, make t
 compare(table3, "twin, inputs (x_s, x_t)", "twin, inputs (x_t, x_t)")
 compare(table3, "twin, inputs (x_s, x_t)", "twin, inputs (x_s, x_s)")'''),
     ],
-    ("about 1 min", "about 10 min", "about 15 min"),
+    ("15 s", "2 min", "about 15 min"),
     """\
 1. Add a row with the dissimilarity loss on the same view: `exp.run_seeds(**dict(OURS, inputs=("t", "t")))`.
    Can L_dis alone make two copies of one view useful?""",
@@ -489,7 +489,7 @@ fig = plots.alpha_curve(ours[0].history, title=f"Ours, seed {ours[0].config['see
 plots.save_figure(fig, FIG / "05_alpha_learned.png")
 fig'''),
     ],
-    ("about 3 min", "about 25 min", "about 35 min"),
+    ("30 s", "5 min", "about 35 min"),
     """\
 1. Is the best fixed alpha near the learned one? Plot `table4["acc"]` of the fixed rows against alpha.
 2. Initialise the learned alpha at 0.9 (`exp.run(exp.config(**dict(OURS, alpha=0.9)))`): does it end where
@@ -547,7 +547,7 @@ On synthetic data the trabecular HU is known exactly (no region to draw, no cont
 calibration to correct), so the threshold rule is stronger here than in a clinic. If a network does not
 beat it, it has learned little beyond the mean brightness of the bone."""),
     ],
-    ("about 3.5 min", "about 30 min", "about 3-4 h (ViT-B/16: 500 epochs, three seeds)"),
+    ("30 s", "6 min", "about 3-4 h (ViT-B/16: 500 epochs, three seeds)"),
     """\
 1. Which baseline is closest to Ours here, and is the gap larger than the intervals?
 2. Fit the threshold rule on `dxa_tscore` instead (`column="dxa_tscore"`): the labels come from DXA, so
@@ -562,7 +562,7 @@ NOTEBOOKS["07_classwise_accuracy"] = [
         "the paper's Fig. 3: the test accuracy of each class for the two branches of the twin network on "
         "their own (heads `s` and `t` of Ours), for each seed.",
         "Ours, trained in notebook 02/03 (trained here if missing).",
-        "about 10 s", "about 10 s (cached)", "about 10 s (cached)")),
+        "7 s", "6 s (cached)", "about 10 s (cached)")),
     (PARAMS, PARAMETERS),
     (MD, "## Setup"),
     (CODE, SETUP),
@@ -613,7 +613,7 @@ NOTEBOOKS["08_gradcam"] = [
         "few test slices of each class: ResNet18+ACM on `x_t`, and the two branches of Ours (`G_s` on `x_s`, "
         "`G_t` on `x_t`).",
         "the trained ResNet18+ACM (x_t) and Ours of notebooks 02-06 (trained here if missing).",
-        "about 15 s", "about 20 s", "about 30 s")),
+        "9 s", "8 s", "about 30 s")),
     (PARAMS, PARAMETERS + "\nn_per_class = 2  # test slices shown per class"),
     (MD, "## Setup"),
     (CODE, SETUP),
@@ -687,7 +687,7 @@ NOTEBOOKS["09_report"] = [
         "collects it all (with the clinical reference and Fig. 3's numbers).",
         "the results of notebooks 03-07 (any run still missing is trained here, so this notebook alone "
         "reproduces every table).",
-        "about 10 s (cached)", "about 10 s (cached)", "about 10 s (cached)")),
+        "6 s (cached)", "6 s (cached)", "about 10 s (cached)")),
     (PARAMS, PARAMETERS),
     (MD, "## Setup"),
     (CODE, SETUP),
