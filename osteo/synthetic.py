@@ -78,7 +78,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-LABELS = ("normal", "osteopenia", "osteoporosis")
+from .manifest import LABELS  # one ordering of the classes for the whole kit
+
 MANIFEST_COLUMNS = (
     "path", "label", "patient_id", "split",
     "bone_density", "dxa_tscore", "trabecular_hu", "kvp", "contrast", "noise_sd",
@@ -198,7 +199,10 @@ def _cohort(n_per_class: int, seed: int, slices_per_patient: int) -> list[_Patie
 
 def _split_patients(df: pd.DataFrame, test_fraction: float = 0.2, seed: int = 0) -> pd.Series:
     """Patient-level split stratified by label: per class, patients in a seeded random order join
-    test while its slice count stays within round(test_fraction * class slices) (SPEC 3: 80/20)."""
+    test while its slice count stays within round(test_fraction * class slices) (SPEC 3: 80/20).
+
+    Unlike :func:`osteo.manifest.split_patients` (which counts patients, for real data), this counts
+    slices, so the synthetic set has exactly the paper's 300 test slices per class."""
     split = pd.Series("train", index=df.index, dtype=object)
     rng = np.random.default_rng([seed, 3])
     for lab in LABELS:
