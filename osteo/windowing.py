@@ -50,6 +50,6 @@ def to_network_input(hu: torch.Tensor, view: str) -> torch.Tensor:
     if view not in VIEW_HU_MIN:
         raise ValueError(f"unknown view {view!r}: use 's' (HU_min -128) or 't' (HU_min -450)")
     grey = window(hu, VIEW_HU_MIN[view]).div_(255.0).unsqueeze(1)  # (B, 1, H, W)
-    mean = torch.tensor(IMAGENET_MEAN, device=hu.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=hu.device).view(1, 3, 1, 1)
-    return (grey - mean) / std
+    # Python-number arithmetic per channel: a mean/std tensor built here would be copied from the
+    # host to the GPU on every batch, a synchronisation inside the training loop (issue 4).
+    return torch.cat([(grey - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dim=1)

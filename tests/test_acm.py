@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from osteo.acm import ACM, acm_orthogonality, reference_acm_forward
+import torch.nn.functional as F
+
+from osteo.acm import ACM, acm_orthogonality, block_diagonal, reference_acm_forward
 
 
 def _acm(channels=64, groups=32, seed=0):
@@ -76,10 +78,25 @@ def test_gradient_reaches_every_parameter_and_input():
     assert x.grad.abs().sum() > 0
 
 
-def test_gradcheck_small_module():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_small_module(channels_last):
     m = _acm(channels=4, groups=2)
-    x = torch.randn(2, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64)
+    if channels_last:  # the GPU layout takes the dense-matmul branch of acm_function
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: (m(t), m.dp), (x,))
+
+
+@pytest.mark.parametrize("out_ch,in_ch,groups", [(64, 64, 32), (32, 64, 32), (64, 32, 32), (12, 8, 4)])
+def test_block_diagonal_is_the_grouped_conv(out_ch, in_ch, groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_ch, out_ch, 1, groups=groups, bias=False).double()
+    x = torch.randn(3, in_ch, 5, 4, dtype=torch.float64)
+    dense = block_diagonal(conv.weight, groups)
+    assert dense.shape == (out_ch, in_ch)
+    assert (dense != 0).sum() <= out_ch * in_ch // groups  # nothing outside the group blocks
+    torch.testing.assert_close(F.conv2d(x, dense[:, :, None, None]), conv(x), rtol=1e-12, atol=1e-12)
 
 
 def test_init_kaiming_fan_out_zero_bias():

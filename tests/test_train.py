@@ -71,8 +71,8 @@ def test_nan_loss_names_epoch_step_and_term(separable, monkeypatch):
     real = T.loss_terms
     calls = {"n": 0}
 
-    def poisoned(model, cfg, out, y):
-        terms = real(model, cfg, out, y)
+    def poisoned(cfg, out, y, acm):
+        terms = real(cfg, out, y, acm)
         calls["n"] += 1
         if calls["n"] == steps + 2:  # epoch 2, step 2
             terms["dis"] = terms["dis"] * float("nan")
