@@ -1,15 +1,20 @@
-"""Training throughput of the twin network against plain torchvision ResNet18s, in one run.
+"""Training throughput of the twin network against plain torchvision ResNet18s, in one run (issue 4).
 
     python benchmarks/throughput.py                 # on the GPU at hand (or the CPU)
     osteo bench --image-size 224 --batch-size 128   # the same, from the CLI
 
-Rows (images per second, peak GPU memory):
-  anchor        two plain torchvision ResNet18s trained one after the other (bf16 autocast on CUDA,
-                channels_last, torch.compile when --compile), data already on the device
-  resnet18      one plain torchvision ResNet18, same settings
-  twin (ours)   TwinNet through osteo's real training step (Eq. 5 + ACM term), windowed from HU
-  eval (ours)   TwinNet inference on HU batches
-  data path     HU (int16, on the device) -> the two normalised views
+Rows (images per second, ratio to the anchor, peak GPU memory, seconds spent warming up/compiling):
+  anchor             two plain torchvision ResNet18s trained one after the other (bf16 autocast on
+                     CUDA, channels_last, torch.compile on CUDA), data already on the device
+  resnet18           one plain torchvision ResNet18, same settings
+  twin [ENGINE]      TwinNet through osteo's real training step (Eq. 5 + ACM term, windowed from
+                     int16 HU on the device), one row per engine (osteo.training.Engine)
+  twin eval          TwinNet inference on HU batches (separate and grouped backbones)
+  data path          HU (int16, on the device) -> the two normalised views
+  loop check         (--loop-check) osteo.train on a smoke-sized run against a plain eager loop of
+                     the same model: osteo's loop must not be slower (issue 4, the CPU path)
+  baselines          (--baselines) Table 5's other networks, eager and compiled
+An "images" count is the number of slices: a twin image goes through both backbones.
 The table is printed and written as JSON under results/bench/ with the device name and versions.
 Ratios are against the anchor measured in the same run; nothing here is a timed test.
 """
@@ -18,12 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
+
+CUDA_ENGINES = ("eager", "grouped", "compile", "grouped+compile", "graphs", "grouped+graphs")
+CPU_ENGINES = ("eager", "grouped")
 
 
 def _sync(dev):
@@ -32,9 +41,11 @@ def _sync(dev):
 
 
 def _timeit(step, dev, warmup: int, steps: int, batch: int) -> dict:
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     _sync(dev)
+    warm = time.perf_counter() - t0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
@@ -43,26 +54,29 @@ def _timeit(step, dev, warmup: int, steps: int, batch: int) -> dict:
     _sync(dev)
     dt = time.perf_counter() - t0
     mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    return {"images_per_s": steps * batch / dt, "seconds_per_step": dt / steps, "peak_mem_gib": mem}
+    return {"images_per_s": steps * batch / dt, "seconds_per_step": dt / steps, "peak_mem_gib": mem,
+            "warmup_s": warm}
 
 
-def plain_resnet_step(dev, batch, size, compile_: bool, n_models: int):
-    """The anchor (n_models=2) or a single plain ResNet18 (n_models=1)."""
-    models = [torchvision.models.resnet18(num_classes=3).to(dev) for _ in range(n_models)]
+def plain_step(dev, batch, size, compile_: bool, n_models: int = 1, name: str = "resnet18"):
+    """The anchor (n_models=2 plain ResNet18s) or n_models plain torchvision/timm networks, trained one after the other."""
+    from .models import build_model
+
+    torch.manual_seed(0)
+    models = [build_model(name, 3, pretrained=False, image_size=size).to(dev) for _ in range(n_models)]
     if dev.type == "cuda":
         models = [m.to(memory_format=torch.channels_last) for m in models]
-    if compile_:
-        models = [torch.compile(m) for m in models]
-    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
+    fwd = [torch.compile(m) if compile_ else m for m in models]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3, fused=dev.type == "cuda") for m in models]
     x = torch.randn(batch, 3, size, size, device=dev)
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 3, (batch,), device=dev)
 
     def step():
-        for m, o in zip(models, opts):
+        for f, o in zip(fwd, opts):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                loss = F.cross_entropy(m(x), y)
+                loss = F.cross_entropy(f(x).float(), y)
             o.zero_grad(set_to_none=True)
             loss.backward()
             o.step()
@@ -70,68 +84,174 @@ def plain_resnet_step(dev, batch, size, compile_: bool, n_models: int):
     return step
 
 
-def twin_steps(dev, batch, size):
-    from osteo.training import TrainConfig, forward_heads, make_model, train_step
-    from osteo.windowing import to_network_input
+def _twin(dev, batch, size, engine: str):
+    from .training import Engine, TrainConfig, make_model
 
-    cfg = TrainConfig(image_size=size, batch_size=batch, pretrained=False, device=str(dev))
+    cfg = TrainConfig(image_size=size, batch_size=batch, pretrained=False, device=str(dev), engine=engine)
     torch.manual_seed(0)
     model = make_model(cfg).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    hu = torch.randint(-200, 900, (batch, size, size), device=dev, dtype=torch.int16)
-    y = torch.randint(0, 3, (batch,), device=dev)
-    amp = dev.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=dev.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    hu = torch.randint(-200, 900, (batch, size, size), generator=g, dtype=torch.int16).to(dev)
+    y = torch.randint(0, 3, (batch,), generator=g).to(dev)
+    runner = Engine.parse(engine, dev).runner(model, cfg, opt, amp=cfg.amp and dev.type == "cuda")
+    return cfg, model, runner, hu, y
 
-    def step():
-        train_step(model, cfg, opt, hu, y, amp)
+
+def twin_train_step(dev, batch, size, engine: str):
+    _, _, runner, hu, y = _twin(dev, batch, size, engine)
+    return lambda: runner(hu, y)
+
+
+def twin_eval_step(dev, batch, size, grouped: bool):
+    from .training import forward_heads
+
+    cfg, model, _, hu, _ = _twin(dev, batch, size, "eager")
+    model.eval()
 
     @torch.no_grad()
-    def eval_step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            forward_heads(model.eval(), cfg, hu)
-        model.train()
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            forward_heads(model, cfg, hu, grouped=grouped)
 
-    def data_step():
-        to_network_input(hu, "s")
-        to_network_input(hu, "t")
-
-    return step, eval_step, data_step
+    return step
 
 
-def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, device="auto", out_dir="results/bench") -> dict:
+def data_step(dev, batch, size):
+    from .training import TrainConfig, network_inputs
+
+    cfg = TrainConfig(image_size=size)
+    hu = torch.randint(-200, 900, (batch, size, size), dtype=torch.int16).to(dev)
+    return lambda: network_inputs(cfg, hu)
+
+
+def loop_check(dev, size=64, batch=24, n_train=192, epochs=3, repeats=2) -> dict:
+    """osteo.train (engine "auto") against a plain eager loop of the same model on the same batches.
+
+    Seconds per run of ``epochs`` epochs (training only), best of ``repeats``, alternating the two.
+    ``plain_over_osteo`` >= 1 means osteo's loop is not slower.
+    """
+    from .data import SliceData, SliceSet
+    from .losses import acm_penalty, twin_loss
+    from .training import TrainConfig, make_model, train
+    from .windowing import to_network_input
+
+    g = torch.Generator().manual_seed(0)
+    hu = torch.randint(-200, 900, (n_train + 8, size, size), generator=g, dtype=torch.int16)
+    y = torch.randint(0, 3, (n_train + 8,), generator=g)
+    ids = [f"P{i}" for i in range(n_train + 8)]
+    part = lambda a, b: SliceSet(hu[a:b], y[a:b], ids[a:b], ids[a:b])  # noqa: E731
+    data = SliceData(part(0, n_train), part(n_train, n_train + 8), size, source="bench")
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, image_size=size, pretrained=False, device=str(dev))
+
+    def run_osteo():
+        return train(cfg, data, progress=False).seconds
+
+    def run_plain():
+        torch.manual_seed(cfg.seed)
+        model = make_model(cfg).to(dev)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        h, t = data.train.hu.to(dev), data.train.y.to(dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for epoch in range(epochs):
+            order = torch.randperm(n_train, generator=torch.Generator().manual_seed(epoch)).to(dev)
+            for i in range(0, n_train, batch):
+                idx = order[i : i + batch]
+                out = model(to_network_input(h[idx], "s"), to_network_input(h[idx], "t"))
+                loss = twin_loss(out, t[idx], cfg.lam) + acm_penalty(model.acm_term, cfg.acm_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    osteo_s, plain_s = [], []
+    for _ in range(repeats):
+        plain_s.append(run_plain())
+        osteo_s.append(run_osteo())
+    return {"image_size": size, "batch_size": batch, "train_slices": n_train, "epochs": epochs,
+            "osteo_train_seconds": min(osteo_s), "plain_loop_seconds": min(plain_s),
+            "plain_over_osteo": min(plain_s) / min(osteo_s), "all_osteo": osteo_s, "all_plain": plain_s}
+
+
+def _device_name(dev) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, device="auto", out_dir="results/bench",
+        engines=None, loop=False, baselines=False) -> dict:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     compile_ = (dev.type == "cuda") if compile_ is None else compile_
+    engines = engines or (CUDA_ENGINES if dev.type == "cuda" else CPU_ENGINES)
+    # Compiled steps need more warm-up: compiling the full batch, then (in train()) the last one.
+    cwarm = max(warmup, 3)
     rows = {}
-    rows["anchor (2x ResNet18)"] = _timeit(plain_resnet_step(dev, batch_size, image_size, compile_, 2), dev, warmup, steps, batch_size)
-    rows["resnet18"] = _timeit(plain_resnet_step(dev, batch_size, image_size, compile_, 1), dev, warmup, steps, batch_size)
-    tr, ev, dp = twin_steps(dev, batch_size, image_size)
-    rows["twin (ours), train"] = _timeit(tr, dev, warmup, steps, batch_size)
-    rows["twin (ours), eval"] = _timeit(ev, dev, warmup, steps, batch_size)
-    rows["data path (HU -> 2 views)"] = _timeit(dp, dev, warmup, steps, batch_size)
+
+    def add(name, step, compiled=False):
+        print(f"  measuring {name} ...", flush=True)
+        rows[name] = _timeit(step, dev, cwarm if compiled else warmup, steps, batch_size)
+
+    add("anchor (2x ResNet18)", plain_step(dev, batch_size, image_size, compile_, 2), compile_)
+    add("resnet18", plain_step(dev, batch_size, image_size, compile_, 1), compile_)
+    for e in engines:
+        add(f"twin train [{e}]", twin_train_step(dev, batch_size, image_size, e), "compile" in e or "graphs" in e)
+    add("twin eval [eager]", twin_eval_step(dev, batch_size, image_size, grouped=False))
+    add("twin eval [grouped]", twin_eval_step(dev, batch_size, image_size, grouped=True))
+    add("data path (HU -> 2 views)", data_step(dev, batch_size, image_size))
+    if baselines:
+        for name in ("efficientnet_b0", "inception_v3", "xception", "vit_b_16"):
+            size = 299 if name in ("inception_v3", "xception") else image_size
+            for comp in (False, True):
+                add(f"{name} {size}px [{'compile' if comp else 'eager'}]", plain_step(dev, batch_size, size, comp, 1, name), comp)
     anchor = rows["anchor (2x ResNet18)"]["images_per_s"]
     for r in rows.values():
         r["ratio_to_anchor"] = r["images_per_s"] / anchor
-    twin = rows["twin (ours), train"]["images_per_s"]
+    twin_rows = {k: v for k, v in rows.items() if k.startswith("twin train")}
+    best = max(twin_rows, key=lambda k: twin_rows[k]["images_per_s"])
+    twin = twin_rows[best]["images_per_s"]
+    train_best = max(twin_rows.values(), key=lambda r: r["images_per_s"])["images_per_s"]
     report = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": _device_name(dev),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
         "image_size": image_size, "batch_size": batch_size, "steps": steps, "compile_anchor": compile_,
         "rows": rows,
+        "best_twin_engine": best[len("twin train ["):-1],
+        "data_path_over_best_train": rows["data path (HU -> 2 views)"]["images_per_s"] / train_best,
         "paper_epoch_seconds": 3600 / twin, "paper_run_60_epochs_seconds": 60 * 3600 / twin,
     }
-    print(f"device: {report['device']}; {image_size} px, batch {batch_size}")
-    print(f"{'':30s} {'img/s':>10s} {'x anchor':>9s} {'peak GiB':>9s}")
-    for name, r in rows.items():
-        mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
-        print(f"{name:30s} {r['images_per_s']:10.1f} {r['ratio_to_anchor']:9.2f} {mem:>9s}")
-    print(f"one paper-size epoch (3600 slices): {report['paper_epoch_seconds']:.1f} s; 60 epochs: {report['paper_run_60_epochs_seconds']:.0f} s")
+    if loop:
+        print("  measuring the loop check ...", flush=True)
+        report["loop_check"] = loop_check(dev)
+    print(format_table(report))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if dev.type == "cuda" else "cpu"
-    (out / f"throughput-{tag}-{image_size}px.json").write_text(json.dumps(report, indent=1))
+    tag = "cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
+    path = out / f"throughput-{tag}-{image_size}px.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"written: {path}")
     return report
+
+
+def format_table(report: dict) -> str:
+    """The benchmark's table as text (what ``osteo bench`` prints)."""
+    lines = [f"device: {report['device']}; torch {report['torch']}; {report['image_size']} px, batch {report['batch_size']}",
+             f"{'':34s} {'img/s':>9s} {'x anchor':>9s} {'peak GiB':>9s} {'warm-up s':>10s}"]
+    for name, r in report["rows"].items():
+        mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
+        lines.append(f"{name:34s} {r['images_per_s']:9.1f} {r['ratio_to_anchor']:9.2f} {mem:>9s} {r['warmup_s']:10.1f}")
+    lines.append(f"fastest twin engine: {report['best_twin_engine']}; data path / that training: "
+                 f"{report['data_path_over_best_train']:.1f}x")
+    lines.append(f"one paper-size epoch (3600 slices): {report['paper_epoch_seconds']:.1f} s; "
+                 f"60 epochs: {report['paper_run_60_epochs_seconds']:.0f} s (steady state, without compilation)")
+    if "loop_check" in report:
+        lc = report["loop_check"]
+        lines.append(f"loop check ({lc['train_slices']} slices, {lc['image_size']} px, batch {lc['batch_size']}, "
+                     f"{lc['epochs']} epochs): osteo.train {lc['osteo_train_seconds']:.1f} s, plain eager loop "
+                     f"{lc['plain_loop_seconds']:.1f} s, plain/osteo = {lc['plain_over_osteo']:.2f}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -141,10 +261,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="do not compile the anchor (default: compile on CUDA)")
+    p.add_argument("--engines", nargs="+", help=f"twin engines to measure (default CUDA: {' '.join(CUDA_ENGINES)}; "
+                                                 f"CPU: {' '.join(CPU_ENGINES)})")
+    p.add_argument("--loop-check", action="store_true", help="also time osteo.train against a plain eager loop")
+    p.add_argument("--baselines", action="store_true", help="also Table 5's other networks, eager and compiled")
     p.add_argument("--out-dir", default="results/bench")
     a = p.parse_args(argv)
-    run(a.image_size, a.batch_size, a.steps, a.warmup, False if a.no_compile else None, a.device, a.out_dir)
+    run(a.image_size, a.batch_size, a.steps, a.warmup, False if a.no_compile else None, a.device, a.out_dir,
+        a.engines, a.loop_check, a.baselines)
 
 
 if __name__ == "__main__":

@@ -174,13 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_cmd_predict)
 
-    b = sub.add_parser("bench", help="training throughput vs plain ResNet18s (options: see osteo bench -- --help)")
+    b = sub.add_parser("bench", help="training throughput vs plain ResNet18s (options: osteo bench --help)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_bench)
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # argparse's REMAINDER drops options that come first; bench parses its own
+        from .bench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

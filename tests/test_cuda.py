@@ -30,3 +30,88 @@ def test_cuda_and_cpu_compute_the_same_function(separable):
             out = forward_heads(model, cfg, hu.cuda())
     for a, b in zip(ref[:3], out[:3]):
         torch.testing.assert_close(b.float().cpu(), a, atol=0.1, rtol=0.05)
+
+
+ENGINES = ("eager", "grouped", "compile", "grouped+compile", "graphs", "grouped+graphs")
+
+
+def _twin_and_batch(size=64, batch=16):
+    from osteo.training import make_model
+
+    cfg = TrainConfig(image_size=size, batch_size=batch, pretrained=False, lam=0.5)
+    torch.manual_seed(0)
+    model = make_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    hu = torch.randint(-300, 900, (batch, size, size), generator=g).to(torch.int16)
+    y = torch.randint(0, 3, (batch,), generator=g)
+    return cfg, model, hu, y
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_engine_bf16_on_cuda_matches_float32_eager(engine):
+    """Issue 4: logits and loss of each fast path (bf16 on the GPU) against the plain eager model
+    (float32 on the CPU) on the same weights and inputs, within bf16 tolerance."""
+    import copy
+
+    from osteo.training import Engine, forward_loss
+
+    cfg, model, hu, y = _twin_and_batch()
+    with torch.no_grad():
+        ref_out, ref_terms = forward_loss(copy.deepcopy(model), cfg, hu, y)  # train-mode BN, float32, CPU
+    model = model.cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=0.0, fused=True)  # lr 0: the step changes nothing
+    runner = Engine.parse(engine, torch.device("cuda")).runner(model, cfg, opt, amp=True)
+    out, terms = runner(hu.cuda(), y.cuda())
+    for a, b in zip(ref_out[:3], out[:3]):
+        torch.testing.assert_close(b.float().cpu(), a, atol=0.15, rtol=0.05)
+    for k in ("ce_s", "ce_t", "ce_f", "dis", "total"):
+        assert float(terms[k]) == pytest.approx(float(ref_terms[k]), rel=0.03, abs=0.02), k
+
+
+@pytest.mark.parametrize("engine", ["eager", "grouped+compile", "grouped+graphs"])
+def test_no_host_synchronisation_inside_an_epoch(engine):
+    """After warm-up, training steps (batch selection on the GPU, step, loss bookkeeping as train() does it) never sync."""
+    from osteo.training import Engine
+
+    cfg, model, hu, y = _twin_and_batch(batch=32)
+    model = model.cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    runner = Engine.parse(engine, torch.device("cuda")).runner(model, cfg, opt, amp=True)
+    hu, y = hu.cuda().repeat(4, 1, 1), y.cuda().repeat(4)
+    order = torch.randperm(len(y)).cuda()
+
+    def steps():
+        rows, correct = [], torch.zeros((), device="cuda")
+        for i in range(0, len(y), 32):
+            idx = order[i : i + 32]
+            out, terms = runner(hu[idx], y[idx])
+            rows.append(torch.stack([t.detach().float() for t in terms.values()]))
+            correct += (out.logits_f.argmax(1) == y[idx]).sum()
+        return rows
+
+    steps()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_compiled_engine_float32_loss_curve_on_cuda():
+    """Without bf16 and TF32, the compiled grouped engine follows the eager loss curve for the first steps."""
+    from osteo.training import Engine
+
+    curves = {}
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for engine in ("eager", "grouped+compile"):
+            cfg, model, hu, y = _twin_and_batch()
+            model = model.cuda()
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            runner = Engine.parse(engine, torch.device("cuda")).runner(model, cfg, opt, amp=False)
+            curves[engine] = [float(runner(hu.cuda(), y.cuda())[1]["total"]) for _ in range(3)]
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    assert curves["grouped+compile"] == pytest.approx(curves["eager"], rel=2e-3)

@@ -1,0 +1,33 @@
+"""The benchmark script (issue 4): its table is consistent; the numbers themselves are measured, not tested."""
+import json
+
+from osteo import bench
+
+
+def test_bench_runs_and_its_ratios_are_consistent(tmp_path, capsys):
+    rep = bench.run(image_size=32, batch_size=4, steps=1, warmup=1, device="cpu", out_dir=tmp_path,
+                    engines=("eager", "grouped"))
+    saved = json.loads((tmp_path / "throughput-cpu-32px.json").read_text())
+    assert saved["rows"].keys() == rep["rows"].keys()
+    names = list(rep["rows"])
+    assert names[:4] == ["anchor (2x ResNet18)", "resnet18", "twin train [eager]", "twin train [grouped]"]
+    anchor = rep["rows"]["anchor (2x ResNet18)"]["images_per_s"]
+    for r in rep["rows"].values():
+        assert r["images_per_s"] > 0 and abs(r["ratio_to_anchor"] - r["images_per_s"] / anchor) < 1e-9
+    best = rep["rows"][f"twin train [{rep['best_twin_engine']}]"]["images_per_s"]
+    assert best == max(rep["rows"][f"twin train [{e}]"]["images_per_s"] for e in ("eager", "grouped"))
+    assert abs(rep["paper_epoch_seconds"] - 3600 / best) < 1e-6
+    assert rep["device"].startswith("cpu") and rep["torch"] and rep["batch_size"] == 4
+    out = capsys.readouterr().out
+    assert "twin train [grouped]" in out and "60 epochs" in out
+
+
+def test_cli_passes_options_to_bench(monkeypatch):
+    from osteo import cli
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda *a, **k: seen.update(args=a))
+    assert cli.main(["bench", "--image-size", "48", "--engines", "grouped", "--loop-check"]) == 0
+    image_size, batch, *_ = seen["args"]
+    assert image_size == 48 and batch == 128
+    assert seen["args"][7] == ["grouped"] and seen["args"][8] is True
