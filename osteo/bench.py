@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-CUDA_ENGINES = ("eager", "grouped", "compile", "grouped+compile", "graphs", "grouped+graphs")
+CUDA_ENGINES = ("eager", "grouped+compile", "compile", "grouped", "grouped+graphs", "graphs")
 CPU_ENGINES = ("eager", "grouped")
 
 
@@ -189,10 +189,19 @@ def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, devic
     # Compiled steps need more warm-up: compiling the full batch, then (in train()) the last one.
     cwarm = max(warmup, 3)
     rows = {}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", _device_name(dev).lower()).strip("-")
+    path = out / f"throughput-{tag}-{image_size}px.json"
 
     def add(name, step, compiled=False):
         print(f"  measuring {name} ...", flush=True)
-        rows[name] = _timeit(step, dev, cwarm if compiled else warmup, steps, batch_size)
+        rows[name] = r = _timeit(step, dev, cwarm if compiled else warmup, steps, batch_size)
+        mem = f", peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else ""
+        print(f"    {r['images_per_s']:.1f} img/s{mem}, warm-up {r['warmup_s']:.1f} s", flush=True)
+        # a partial table survives a run stopped half-way (a time limit, a crash in a later row)
+        path.write_text(json.dumps({"partial": True, "device": _device_name(dev), "torch": torch.__version__,
+                                    "image_size": image_size, "batch_size": batch_size, "rows": rows}, indent=1))
 
     add("anchor (2x ResNet18)", plain_step(dev, batch_size, image_size, compile_, 2), compile_)
     add("resnet18", plain_step(dev, batch_size, image_size, compile_, 1), compile_)
@@ -226,10 +235,6 @@ def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, devic
         print("  measuring the loop check ...", flush=True)
         report["loop_check"] = loop_check(dev)
     print(format_table(report))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
-    path = out / f"throughput-{tag}-{image_size}px.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"written: {path}")
     return report

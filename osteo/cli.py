@@ -3,6 +3,7 @@
     osteo synth OUT_DIR [--n-per-class 1500 --size 256 --seed 0]   write the synthetic DICOM set
     osteo train MANIFEST [--model twin --epochs 60 ...] --out DIR     train one config
     osteo reproduce [--profile auto|smoke|laptop|paper]               run every notebook (papermill)
+    osteo grid [--profile P --tables table2 ... --seeds 0 --worker I/N]  train the tables' runs, no notebooks
     osteo report --profile P                                          rebuild results/P/REPORT.md
     osteo predict CHECKPOINT PATH... [--out predictions.csv --gradcam DIR]
     osteo bench [--image-size 224 --batch-size 128]                   training throughput table
@@ -113,6 +114,44 @@ def _cmd_report(a) -> int:
     return 0
 
 
+def _parse_worker(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"error: --worker {text!r}: write I/N, e.g. 2/3") from None
+    if not 1 <= i <= n:
+        raise SystemExit(f"error: --worker {text!r}: need 1 <= I <= N")
+    return i - 1, n
+
+
+def _cmd_grid(a) -> int:
+    from .experiments import TABLES, Experiments, describe
+    from .report import write_report
+
+    exp = Experiments(a.profile, seeds=a.seeds, progress=not a.no_progress)
+    names = a.tables or list(TABLES)
+    if a.worker:
+        i, n = _parse_worker(a.worker)
+        exp.grid(names, i, n)
+        return 0
+    if not a.only_cached:
+        exp.grid(names)
+    complete = []
+    for name in names:
+        missing = exp.missing([name])
+        if missing:
+            print(f"{name}: not saved, {len(missing)} runs missing: " + "; ".join(describe(c) for c in missing))
+            continue
+        exp.table(name)
+        complete.append(name)
+    if "table2" in complete:  # Ours and Ours - L_dis: the paired test and Fig. 3's numbers
+        exp.mcnemar_table()
+        exp.fig3_table()
+    if complete:
+        print(f"saved {', '.join(complete)}; report: {write_report(exp.out)}")
+    return 0 if len(complete) == len(names) or a.only_cached else 1
+
+
 def _cmd_predict(a) -> int:
     from .predict import predict_files
 
@@ -161,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--notebooks", nargs="+", help="numbers or names of the notebooks to run (default: all)")
     r.add_argument("--tables", nargs="+", help=f"only what these need: {', '.join(NOTEBOOK_OF)}")
     r.set_defaults(func=_cmd_reproduce)
+
+    g = sub.add_parser("grid", help="train the paper's tables without the notebooks (resumable), save them and REPORT.md")
+    g.add_argument("--profile", default="auto")
+    g.add_argument("--tables", nargs="+", choices=list(NOTEBOOK_OF)[:4], help="default: all four")
+    g.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
+    g.add_argument("--worker", help="I/N: train only runs I, I+N, I+2N, ... (1-based) of the grid, for N processes "
+                                    "side by side sharing results/; saves no tables")
+    g.add_argument("--only-cached", action="store_true", help="train nothing: save the tables whose runs are all cached")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (logs of parallel workers)")
+    g.set_defaults(func=_cmd_grid)
 
     rp = sub.add_parser("report", help="rebuild results/<profile>/REPORT.md from the saved tables")
     rp.add_argument("--profile", default="auto")

@@ -150,12 +150,17 @@ class Experiments:
     data_source: str | None = None  # a manifest CSV or class folder; None = the synthetic set
     data_dir: Path | str | None = None  # where the synthetic set is made; default <project>/data
     progress: bool = True
+    seeds: tuple | None = None  # override the profile's seeds (e.g. a first GPU pass with seed 0 alone)
     _data: dict = field(default_factory=dict, repr=False)
     _ids: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.profile, Profile):
             self.profile = resolve_profile(self.profile)
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ValueError("seeds: give at least one seed")
+            self.profile = dataclasses.replace(self.profile, seeds=tuple(int(x) for x in self.seeds))
         root = project_root()
         self.results_dir = Path(self.results_dir) if self.results_dir else root / "results"
         self.data_dir = Path(self.data_dir) if self.data_dir else root / "data"
@@ -236,6 +241,77 @@ class Experiments:
             self.save_table(name, df)
         return df
 
+    def fig3_table(self, save: bool = True) -> pd.DataFrame:
+        """Fig. 3's numbers: per-class test accuracy (%) of the heads G_s and G_t of Ours, per seed."""
+        rows = [{"seed": r.config["seed"], "head": name,
+                 **{lab: round(100 * a, 2) for lab, a in r.test[h]["per_class_accuracy"].items()},
+                 "overall": round(100 * r.test[h]["accuracy"], 2), "n_test": r.test[h]["n"]}
+                for r in self.run_seeds(**OURS) for h, name in (("s", "G_s (x_s)"), ("t", "G_t (x_t)"))]
+        df = pd.DataFrame(rows)
+        if save:
+            self.save_table("fig3", df)
+        return df
+
+    def mcnemar_table(self, save: bool = True) -> pd.DataFrame:
+        """McNemar's exact test of Ours against Ours - L_dis on the same test slices, one row per seed."""
+        from .metrics import mcnemar
+
+        rows = []
+        for seed in self.profile.seeds:
+            ours, no_dis = self.run(self.config(seed=seed, **OURS)), self.run(self.config(seed=seed, **OURS_NO_DIS))
+            y = np.asarray(ours.y_true)
+            right_ours = np.asarray(ours.predictions["f"]) == y
+            right_no_dis = np.asarray(no_dis.predictions["f"]) == y
+            rows.append({"seed": seed, "n_test": len(y), "acc_ours": round(100 * right_ours.mean(), 2),
+                         "acc_ours_no_dis": round(100 * right_no_dis.mean(), 2), **mcnemar(right_ours, right_no_dis)})
+        df = pd.DataFrame(rows)
+        df["p_value"] = df["p_value"].round(4)
+        if save:
+            self.save_table("mcnemar", df)
+        return df
+
+    # ---- the grid ---------------------------------------------------------------------------
+    def table_configs(self, names=None) -> list:
+        """Every distinct config the named tables need (default all), for all seeds, in table order."""
+        names = list(names or TABLES)
+        for n in names:
+            if n not in TABLES:
+                raise ValueError(f"unknown table {n!r}; choose one of {', '.join(TABLES)}")
+        seen, out = set(), []
+        for n in names:
+            for _, overrides, _ in TABLES[n]["rows"]:
+                for seed in self.profile.seeds:
+                    cfg = self.config(seed=seed, **overrides)
+                    if cfg.key() not in seen:
+                        seen.add(cfg.key())
+                        out.append(cfg)
+        return out
+
+    def is_done(self, cfg: TrainConfig) -> bool:
+        """Whether the cache holds the finished result of ``cfg`` on this data."""
+        f = self.run_dir(cfg) / "result.json"
+        return f.exists() and TrainResult.from_json(f).config == cfg.to_dict()
+
+    def grid(self, names=None, worker: int = 0, n_workers: int = 1) -> list:
+        """Train every missing run of the named tables (resumable: finished runs come from the
+        cache). ``worker``/``n_workers`` split the runs between processes that share the cache
+        folder (e.g. several trainings side by side on one GPU); returns this worker's results."""
+        if not 0 <= worker < n_workers:
+            raise ValueError(f"worker {worker} of {n_workers}: need 0 <= worker < n_workers")
+        mine = self.table_configs(names)[worker::n_workers]
+        results = []
+        for i, cfg in enumerate(mine, 1):
+            cached = self.is_done(cfg)
+            res = self.run(cfg)
+            results.append(res)
+            print(f"[{worker + 1}/{n_workers}] {i}/{len(mine)} {describe(cfg)}: acc {100 * res.accuracy:.2f} % "
+                  f"({'cached' if cached else f'{res.seconds:.0f} s on {res.device}, engine {res.engine}'})", flush=True)
+        return results
+
+    def missing(self, names=None) -> list:
+        """The configs of the named tables that the cache does not hold yet."""
+        return [c for c in self.table_configs(names) if not self.is_done(c)]
+
     def save_table(self, name: str, df: pd.DataFrame) -> None:
         tdir = self.out / "tables"
         tdir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +319,13 @@ class Experiments:
         meta = {"title": TABLES.get(name, {}).get("title", name), "profile": dataclasses.asdict(self.profile),
                 "rows": json.loads(df.to_json(orient="records"))}
         (tdir / f"{name}.json").write_text(json.dumps(meta, indent=1))
+
+
+def describe(cfg: TrainConfig) -> str:
+    """A short name of a run: model, inputs, lambda, alpha, seed."""
+    alpha = f", alpha {'learned' if cfg.learn_alpha else cfg.alpha}" if cfg.model == "twin" else ""
+    lam = f", lambda {cfg.lam}" if cfg.model == "twin" else ""
+    return f"{cfg.model} ({'+'.join(cfg.inputs)}{lam}{alpha}), seed {cfg.seed}"
 
 
 def summarise(label: str, results: list, paper_acc: float | None) -> dict:

@@ -151,7 +151,7 @@ def test_compiled_engine_same_first_steps_float32():
 def test_engine_parsing():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert Engine.parse("auto", cpu) == Engine()
-    assert Engine.parse("auto", cuda) == Engine(grouped=True, compile=True)
+    assert Engine.parse("auto", cuda) == Engine(grouped=True)
     assert str(Engine.parse("grouped+compile+graphs", cuda)) == "grouped+graphs"
     assert Engine.parse("graphs", cuda) == Engine(compile=True, graphs=True)
     assert str(Engine.parse("eager", cpu)) == "eager"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The CUDA checks of issues 2 and 4, as run on a lent H100 (see results/bench/README.md).
+# Usage on the GPU machine, from the repository root, with the wheels of tools/device_wheels.sh in .whl/:
+#   bash tools/gpu_checks.sh OUT_DIR
+# Writes OUT_DIR/test_cuda.log, OUT_DIR/bench.log and the benchmark's JSON table.
+set -u
+OUT=${1:?output folder}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, torchvision, osteo; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
+PYTEST="python3 -m pytest -o addopts= -p no:cacheprovider -v -rfE --durations=0 tests/test_cuda.py"
+# 1. eager CUDA checks (issue 2: short bf16 training beats chance; CPU and GPU compute the same function)
+timeout ${T_FAST:-120} $PYTEST -k "trains_on_cuda or same_function or (matches_float32_eager and not compile and not graphs)" 2>&1 | tee "$OUT/test_cuda_fast.log"
+# 2. the throughput table at the paper's size (issue 4)
+timeout ${T_BENCH:-330} python3 -m osteo.cli bench --image-size 224 --batch-size 128 --steps 20 --warmup 5 \
+  --engines ${ENGINES:-eager grouped+compile compile grouped grouped+graphs} --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log"
+# 3. the compiled / CUDA-graph engines' equivalence and no-sync checks
+timeout ${T_SLOW:-130} $PYTEST -k "not trains_on_cuda and not same_function and not (matches_float32_eager and not compile and not graphs)" 2>&1 | tee "$OUT/test_cuda.log"
