@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .experiments import TABLES
+from .experiments import PROFILES, TABLES
 
 EXTRA_TABLES = {"clinical": "Clinical reference: threshold on mean trabecular HU (fitted on train)",
                 "fig3": "Fig. 3. Class-wise accuracy of G_s and G_t (Ours)",
@@ -47,6 +47,7 @@ def write_report(profile_dir, out_path=None) -> Path:
         raise FileNotFoundError(f"{tdir}: no tables yet; run the notebooks (osteo reproduce) first")
     parts = [f"# osteo-kit reproduction report: profile `{profile_dir.name}`", ""]
     profile = None
+    devices = set()
     for name in list(TABLES) + list(EXTRA_TABLES):
         f = tdir / f"{name}.json"
         if not f.exists():
@@ -58,6 +59,7 @@ def write_report(profile_dir, out_path=None) -> Path:
         if name in TABLES:
             for r in rows:
                 r["ci"] = f"{r['ci95_low']:.1f}-{r['ci95_high']:.1f}"
+                devices.add(r.get("device") or "?")
             parts.append(markdown_table(rows, ACC_COLUMNS))
             pre = {r.get("pretrained") for r in rows}
             parts += ["", f"ImageNet weights used: {'yes' if pre == {True} else 'no' if pre == {False} else 'some'}."]
@@ -67,8 +69,16 @@ def write_report(profile_dir, out_path=None) -> Path:
         if meta.get("note"):
             parts += ["", meta["note"]]
         parts.append("")
+    missing = [TABLES[n]["title"].split(".")[0] for n in TABLES if not (tdir / f"{n}.json").exists()]
+    if missing:
+        parts += ["## Not run yet", "",
+                  f"{', '.join(missing)}: no results for this profile yet. `osteo grid --profile {profile_dir.name} "
+                  f"--tables ...` (or the notebooks) trains them; finished runs are kept, so this continues the grid.", ""]
     if profile:
         seeds = ", ".join(str(s) for s in profile["seeds"])
+        default = PROFILES.get(profile["name"])
+        if default is not None and tuple(profile["seeds"]) != tuple(default.seeds):
+            seeds += f" (a partial run: the profile's seeds are {', '.join(str(s) for s in default.seeds)})"
         parts[1:1] = [
             "",
             f"Profile `{profile['name']}`: {profile['n_per_class']} slices per class, {profile['image_size']} px, "
@@ -79,6 +89,8 @@ def write_report(profile_dir, out_path=None) -> Path:
             "the paper's private hospital data: they test the method, they are not the paper's results. "
             "Intervals are 95 % Wilson intervals pooled over seeds and test images.",
         ]
+        if devices:
+            parts[3] += f" Trained on: {', '.join(sorted(devices))}."
     out_path = Path(out_path) if out_path else profile_dir / "REPORT.md"
     out_path.write_text("\n".join(parts) + "\n")
     return out_path
