@@ -90,7 +90,7 @@ def write_report(profile_dir, out_path=None) -> Path:
             "Intervals are 95 % Wilson intervals pooled over seeds and test images.",
         ]
         if devices:
-            parts[3] += f" Trained on: {', '.join(sorted(devices))}."
+            parts[2] = parts[2].rstrip(". ") + f". Trained on: {', '.join(sorted(devices))}."
     out_path = Path(out_path) if out_path else profile_dir / "REPORT.md"
     out_path.write_text("\n".join(parts) + "\n")
     return out_path
