@@ -78,7 +78,7 @@ def write_report(profile_dir, out_path=None) -> Path:
         seeds = ", ".join(str(s) for s in profile["seeds"])
         default = PROFILES.get(profile["name"])
         if default is not None and tuple(profile["seeds"]) != tuple(default.seeds):
-            seeds += f" (a partial run: the profile's seeds are {', '.join(str(s) for s in default.seeds)})"
+            seeds += f" (the profile's own seeds are {', '.join(str(s) for s in default.seeds)})"
         parts[1:1] = [
             "",
             f"Profile `{profile['name']}`: {profile['n_per_class']} slices per class, {profile['image_size']} px, "

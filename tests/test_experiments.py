@@ -61,3 +61,97 @@ def test_summarise_pools_seeds(tmp_path):
     text = write_report(exp.out).read_text()
     assert "Table 2. Ablation study" in text and "| Ours | 77.11 | 70.00 |" in text and "synthetic" in text
     assert json.loads((exp.out / "tables" / "table2.json").read_text())["profile"]["name"] == "tiny"
+
+
+def _fake_train(calls):
+    """Stands in for osteo.train in the grid tests: records the config, writes a result.json
+    whose heads are right on 9 of 12 test slices (the twin's G_s on 6, G_t on 12)."""
+    from pathlib import Path
+
+    def train(cfg, data, out_dir=None, progress=True):
+        f = Path(out_dir) / "result.json"
+        if f.exists() and TrainResult.from_json(f).config == cfg.to_dict():  # the cache, as osteo.train has it
+            return TrainResult.from_json(f)
+        calls.append(cfg.key())
+        y = [0, 1, 2] * 4
+        some = [0, 1, 2] * 3 + [1, 2, 0]
+        heads = {"f": some, "s": [0] * 12, "t": y} if cfg.model == "twin" else {"main": some}
+        test = {h: osteo.classification_report(y, p, labels=osteo.LABELS) for h, p in heads.items()}
+        res = TrainResult(config=cfg.to_dict(), history=[], test=test, main_head=next(iter(heads)), y_true=y,
+                          predictions=heads, alpha=0.5 if cfg.model == "twin" else None, pretrained_used=False,
+                          device="fake", seconds=0.0)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        res.to_json(Path(out_dir) / "result.json")
+        return res
+
+    return train
+
+
+def test_seeds_override_and_the_grid_configs(tmp_path):
+    exp = Experiments(TINY, seeds=[3, 4], results_dir=tmp_path, data_dir=tmp_path / "data", progress=False)
+    assert exp.profile.seeds == (3, 4) and TINY.seeds == (0,)
+    cfgs = exp.table_configs(["table2", "table3"])
+    # Table 2: 4 rows; Table 3: 3 rows, of which (x_s, x_t) without L_dis is Table 2's "Ours - L_dis"
+    assert len(cfgs) == 2 * 6 and len({c.key() for c in cfgs}) == 12
+    assert {c.seed for c in cfgs} == {3, 4}
+    assert len(exp.table_configs()) == 2 * (4 + 2 + 5 + 5)  # all four tables: 16 distinct runs per seed
+    with pytest.raises(ValueError, match="unknown table"):
+        exp.table_configs(["table9"])
+    with pytest.raises(ValueError, match="at least one seed"):
+        Experiments(TINY, seeds=[], results_dir=tmp_path)
+
+
+def test_grid_workers_share_the_runs_and_resume(tmp_path, monkeypatch):
+    import osteo.experiments as E
+
+    calls = []
+    monkeypatch.setattr(E, "train", _fake_train(calls))
+    exp = Experiments(TINY, results_dir=tmp_path / "results", data_dir=tmp_path / "data", progress=False)
+    names = ["table2", "table3"]
+    assert len(exp.missing(names)) == 6
+    exp.grid(names, worker=0, n_workers=4)  # runs 1 and 5
+    exp.grid(names, worker=2, n_workers=4)  # run 3
+    assert len(calls) == 3 and len(exp.missing(names)) == 3
+    with pytest.raises(ValueError, match="worker 4 of 4"):
+        exp.grid(names, worker=4, n_workers=4)
+    exp.grid(names)  # the rest; the finished three come from the cache
+    assert len(calls) == 6 and len(set(calls)) == 6 and exp.missing(names) == []
+    exp.grid(names)
+    assert len(calls) == 6  # nothing trains twice
+
+
+def test_grid_command_saves_complete_tables_and_reports_the_rest(tmp_path, monkeypatch, capsys):
+    import osteo.experiments as E
+    from osteo import cli
+
+    calls = []
+    monkeypatch.setattr(E, "train", _fake_train(calls))
+    monkeypatch.setitem(E.PROFILES, "tiny", TINY)
+    monkeypatch.setenv("OSTEO_ROOT", str(tmp_path))
+    args = ["grid", "--profile", "tiny", "--tables", "table2", "table3", "--seeds", "0", "1", "--no-progress"]
+    assert cli.main(args + ["--worker", "1/2"]) == 0
+    assert len(calls) == 6 and not (tmp_path / "results" / "tiny" / "tables").exists()  # workers save no tables
+    assert cli.main(args + ["--only-cached"]) == 0  # nothing complete yet: nothing saved, no error
+    assert "table2: not saved, " in capsys.readouterr().out and len(calls) == 6
+    assert cli.main(args) == 0  # trains the other worker's half, then saves
+    assert len(calls) == 12
+    tables = tmp_path / "results" / "tiny" / "tables"
+    t2 = pd.read_csv(tables / "table2.csv")
+    assert list(t2["model"]) == [r[0] for r in TABLES["table2"]["rows"]]
+    assert (t2["acc"] == 75.0).all() and t2["per_seed"].str.contains("75.0, 75.0").all()
+    fig3 = pd.read_csv(tables / "fig3.csv")  # G_s says "normal" always, G_t is always right
+    assert list(fig3["normal"]) == [100.0, 100.0, 100.0, 100.0] and list(fig3["osteopenia"]) == [0.0, 100.0] * 2
+    mc = pd.read_csv(tables / "mcnemar.csv")
+    assert list(mc["seed"]) == [0, 1] and (mc["b"] == 0).all() and (mc["c"] == 0).all()
+    report = (tmp_path / "results" / "tiny" / "REPORT.md").read_text()
+    assert "seeds 0, 1 (the profile's own seeds are 0)" in report
+    assert "## Not run yet" in report and "Table 4, Table 5" in report and "Trained on: fake." in report
+
+
+def test_grid_worker_option_is_checked():
+    from osteo import cli
+
+    for bad in ("3/2", "0/2", "x"):
+        with pytest.raises(SystemExit, match="--worker"):
+            cli._parse_worker(bad)
+    assert cli._parse_worker("2/3") == (1, 3)  # 1-based on the command line, 0-based for Experiments.grid

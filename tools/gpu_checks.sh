@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks of issues 2 and 4, as run on a lent H100 (see results/bench/README.md).
-# Usage on the GPU machine, from the repository root, with the wheels of tools/device_wheels.sh in .whl/:
+# Usage on the GPU machine, from the repository root, with the wheels of tools/device_wheels.sh in .whl/ (where pydicom is not installed):
 #   bash tools/gpu_checks.sh OUT_DIR
 # Writes OUT_DIR/test_cuda.log, OUT_DIR/bench.log and the benchmark's JSON table.
 set -u
