@@ -11,14 +11,7 @@ TABLES=${TABLES:-table2 table3}
 SEEDS=${SEEDS:-0}
 WORKERS=${WORKERS:-3}
 T_TRAIN=${T_TRAIN:-470}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
+. tools/device_env.sh
 if [ "${CUDA_TESTS:-1}" = 1 ]; then  # the eager CUDA tests, on the GPU while the CPU makes the data
   timeout 150 python3 -m pytest -o addopts= -p no:cacheprovider -v -rfE --durations=0 tests/test_cuda.py \
     -k "trains_on_cuda or same_function or (not compile and not graphs)" > "$OUT/test_cuda_fast.log" 2>&1 &
