@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tables", nargs="+", choices=list(NOTEBOOK_OF)[:4], help="default: all four")
     g.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
     g.add_argument("--worker", help="I/N: train only runs I, I+N, I+2N, ... (1-based) of the grid, for N processes "
-                                    "side by side sharing results/; saves no tables")
+                                    "side by side sharing results/; saves no tables. Make the data first (one "
+                                    "`osteo grid --only-cached` does) so that workers do not all make it")
     g.add_argument("--only-cached", action="store_true", help="train nothing: save the tables whose runs are all cached")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs of parallel workers)")
     g.set_defaults(func=_cmd_grid)
