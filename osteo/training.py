@@ -245,9 +245,9 @@ class Engine:
     ``"auto"``: ``eager`` on the CPU, where we measured the grouped network ~10 % slower and
     compilation costs more than a short run saves; ``grouped`` on CUDA. Measured on one H100
     (results/bench/, 224 px, batch 128): eager 1,390 images/s, grouped 2,010, grouped+compile
-    3,280, grouped+graphs 3,380; but compiling takes 60-90 s per batch shape (the last, smaller
-    batch of an epoch is a second shape), more than it saves on a 60-epoch paper run of 3600
-    slices (about 110 s grouped). Ask for ``grouped+compile`` or ``grouped+graphs`` for longer runs.
+    3,280, grouped+graphs 3,380; but compiling took 60-90 s (one batch shape: a smaller last
+    batch runs eagerly, see :class:`StepRunner`), about what it saves on a 60-epoch paper run of
+    3600 slices (about 110 s grouped). Ask for ``grouped+compile`` or ``grouped+graphs`` for longer runs.
     """
 
     grouped: bool = False
@@ -277,24 +277,30 @@ class Engine:
 class StepRunner:
     """Runs optimisation steps of one model with an :class:`Engine`; ``runner(hu, y) -> (output, terms)``.
 
-    With ``compile``, window + forward + loss is one ``torch.compile``d function (static shapes: the
-    last, smaller batch of an epoch compiles once more); backward and the optimiser stay eager.
-    With ``graphs``, each step starts a new CUDA-graph step, and outputs are read before the next.
+    With ``compile``, window + forward + loss of a FULL batch (``cfg.batch_size`` slices) is one
+    ``torch.compile``d function with static shapes; any smaller batch (the last of an epoch: 3600
+    slices in batches of 128 leave 16) runs the same function eagerly on the same weights, so a run
+    compiles one shape only (each shape took 60-90 s on the H100). Backward and the optimiser stay
+    eager. With ``graphs``, each compiled step starts a new CUDA-graph step, and outputs are read
+    before the next.
     """
 
     def __init__(self, engine: Engine, model, cfg: TrainConfig, opt, amp: bool):
         self.engine, self.model, self.cfg, self.opt, self.amp = engine, model, cfg, opt, amp
-        fn = functools.partial(forward_loss, model, cfg, grouped=engine.grouped)
+        self.plain = functools.partial(forward_loss, model, cfg, grouped=engine.grouped)
+        self.compiled = None
         if engine.compile:
             mode = "reduce-overhead" if engine.graphs else None
-            fn = torch.compile(fn, mode=mode, dynamic=False)
-        self.fn = fn
+            self.compiled = torch.compile(self.plain, mode=mode, dynamic=False)
 
     def __call__(self, hu: torch.Tensor, y: torch.Tensor):
-        if self.engine.graphs:
-            torch.compiler.cudagraph_mark_step_begin()
+        fn = self.plain
+        if self.compiled is not None and hu.shape[0] == self.cfg.batch_size:
+            fn = self.compiled
+            if self.engine.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(hu.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out, terms = self.fn(hu, y)
+            out, terms = fn(hu, y)
         self.opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.opt.step()

@@ -17,6 +17,8 @@ def test_bench_runs_and_its_ratios_are_consistent(tmp_path, capsys):
     best = rep["rows"][f"twin train [{rep['best_twin_engine']}]"]["images_per_s"]
     assert best == max(rep["rows"][f"twin train [{e}]"]["images_per_s"] for e in ("eager", "grouped"))
     assert abs(rep["paper_epoch_seconds"] - 3600 / best) < 1e-6
+    warm = rep["rows"][f"twin train [{rep['best_twin_engine']}]"]["warmup_s"]
+    assert abs(rep["paper_run_60_epochs_with_warmup_seconds"] - (60 * 3600 / best + warm)) < 1e-6
     assert rep["device"].startswith("cpu") and rep["torch"] and rep["batch_size"] == 4
     out = capsys.readouterr().out
     assert "twin train [grouped]" in out and "60 epochs" in out

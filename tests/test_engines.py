@@ -174,3 +174,33 @@ def test_train_with_grouped_engine_matches_eager(separable):
         assert rb["alpha"] == pytest.approx(ra["alpha"], abs=1e-4)
     agree = sum(p == q for p, q in zip(a.predictions["f"], b.predictions["f"])) / len(a.predictions["f"])
     assert agree >= 0.9
+
+
+def test_compiled_engine_compiles_the_full_batch_only(monkeypatch):
+    """One compiled shape per run: a smaller last batch runs the same function eagerly (no second
+    compilation, 60-90 s on the H100), and both steps compute what the plain step computes."""
+    import osteo.training as T
+
+    shapes = []
+
+    def fake_compile(fn, **kw):  # records what reaches the compiled function, then runs it as is
+        assert kw == {"mode": None, "dynamic": False}
+        return lambda hu, y: (shapes.append(tuple(hu.shape)), fn(hu, y))[1]
+
+    monkeypatch.setattr(T.torch, "compile", fake_compile)
+    cfg = TrainConfig(image_size=32, batch_size=4, pretrained=False, device="cpu", engine="grouped+compile")
+    g = torch.Generator().manual_seed(0)
+    hu = torch.randint(-300, 900, (7, 32, 32), generator=g).to(torch.int16)
+    y = torch.randint(0, 3, (7,), generator=g)
+    losses = {}
+    for name in ("compile", "plain"):
+        torch.manual_seed(0)
+        model = make_model(cfg)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if name == "compile":
+            run = StepRunner(Engine.parse(cfg.engine, torch.device("cpu")), model, cfg, opt, amp=False)
+        else:
+            run = lambda h, t: train_step(model, cfg, opt, h, t, amp=False)  # noqa: E731
+        losses[name] = [float(run(hu[:4], y[:4])[1]["total"]), float(run(hu[4:], y[4:])[1]["total"])]
+    assert shapes == [(4, 32, 32)]  # the 3-slice batch did not reach the compiled function
+    assert losses["compile"] == pytest.approx(losses["plain"], rel=2e-4)  # grouped vs separate float32 rounding
