@@ -321,11 +321,12 @@ data = exp.data()
 print(data.describe())'''),
     (MD, """\
 ## Train (or load from the cache)
-`exp.run` trains and evaluates once and keeps the result and a checkpoint under `results/<profile>/runs/`,
-in a folder named by a hash of the configuration and the data. Tables 2-5 need the same model and load it
-from there. An interrupted run resumes from its last epoch."""),
+`exp.model` trains and evaluates once and keeps the result and a checkpoint under `results/<profile>/runs/`,
+in a folder named by a hash of the configuration and the data; it returns the trained network and its
+result. Tables 2-5 need the same run and load it from there. An interrupted run resumes from its last
+epoch. (A result kept without its weights, as git keeps `results/paper/`, is trained again.)"""),
     (CODE, '''\
-result = exp.run(cfg)
+model, result = exp.model(cfg)
 lo, hi = result.accuracy_ci95
 print(f"test accuracy of F: {100 * result.accuracy:.1f} % (95 % CI {100 * lo:.1f}-{100 * hi:.1f} %) "
       f"on {result.test['f']['n']} test slices ({plots.data_label(exp)}); the paper: 77.11 % on its hospital data")
@@ -370,10 +371,10 @@ pd.DataFrame({name: {k: result.test[h][k] for k in ("accuracy", "macro_f1", "qw_
     (MD, """\
 ## The checkpoint
 The trained weights are in the run folder (the path is relative to the project). `osteo.load_model`
-rebuilds the network from it, for prediction (`osteo predict`) or Grad-CAM (notebook 08)."""),
+rebuilds the network from it, for prediction (`osteo predict`) or Grad-CAM (notebook 08); `exp.model`
+above called it for us."""),
     (CODE, '''\
 ckpt = exp.run_dir(cfg) / "checkpoint.pt"
-model, saved_cfg = osteo.load_model(ckpt)
 print(f"checkpoint: {plots.shown_path(ckpt)} ({ckpt.stat().st_size / 1e6:.0f} MB)")
 print(f"{type(model).__name__} with {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; alpha = {float(model.alpha):.3f}")'''),
     (MD, """\
@@ -629,10 +630,8 @@ scaled to [0, 1], shows which regions raised the score; we overlay it on the sli
 The target layer is the last block of `layer4` of each backbone, as in the paper."""),
     (CODE, '''\
 cfg_acm, cfg_ours = exp.config(model="resnet18_acm", inputs=("t",)), exp.config(**OURS)
-for c in (cfg_acm, cfg_ours):
-    exp.run(c)  # loads the cached result, or trains
-acm_net, _ = osteo.load_model(exp.run_dir(cfg_acm) / "checkpoint.pt")
-twin, _ = osteo.load_model(exp.run_dir(cfg_ours) / "checkpoint.pt")'''),
+acm_net, _ = exp.model(cfg_acm)  # the trained network: from the cache, or trained now
+twin, _ = exp.model(cfg_ours)'''),
     (CODE, '''\
 test = exp.data().test
 idx = [i for c in range(len(osteo.LABELS)) for i in torch.nonzero(test.y == c)[:n_per_class, 0].tolist()]

@@ -217,6 +217,31 @@ class Experiments:
         """Train (or load from the cache) one config."""
         return train(cfg, self.data(cfg.image_size), out_dir=self.run_dir(cfg), progress=self.progress)
 
+    def model(self, cfg: TrainConfig, device="cpu") -> tuple:
+        """The trained network of one config and its result: ``(model, TrainResult)`` (Grad-CAM needs weights).
+
+        Trains the config when it is missing. A run cached without its weights (git keeps only the
+        ``result.json`` of ``results/paper/runs/``: checkpoints are too large) is trained again, and
+        its new result replaces the old one, so the weights and the numbers shown belong together;
+        both accuracies are printed (CUDA training is not bit-for-bit repeatable).
+        """
+        from .plots import shown_path
+        from .training import load_model
+
+        d = self.run_dir(cfg)
+        ckpt, res_path = d / "checkpoint.pt", d / "result.json"
+        old = None
+        if res_path.exists() and not ckpt.exists():
+            old = TrainResult.from_json(res_path)
+            print(f"{shown_path(d)}: the result of {describe(cfg)} is cached without its weights; training it again")
+            res_path.unlink()
+        result = self.run(cfg)
+        if old is not None:
+            print(f"  test accuracy {100 * old.accuracy:.2f} % before ({old.device}), "
+                  f"{100 * result.accuracy:.2f} % now ({result.device}); the new result replaces the old")
+        model, _ = load_model(ckpt, device)
+        return model, result
+
     def run_dir(self, cfg: TrainConfig) -> Path:
         """The cache folder of one config on this data: ``results/<profile>/runs/<key>``."""
         size = cfg.image_size

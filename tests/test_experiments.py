@@ -155,3 +155,32 @@ def test_grid_worker_option_is_checked():
         with pytest.raises(SystemExit, match="--worker"):
             cli._parse_worker(bad)
     assert cli._parse_worker("2/3") == (1, 3)  # 1-based on the command line, 0-based for Experiments.grid
+
+
+def test_model_retrains_a_result_cached_without_weights(tmp_path, capsys):
+    """git keeps results/paper/runs/*/result.json but not the checkpoints: notebooks 02 and 08 need the
+    weights, so such a run trains again, and its new result replaces the old one."""
+    import torch
+
+    exp = Experiments(TINY, results_dir=tmp_path / "results", data_dir=tmp_path / "data", progress=False)
+    cfg = exp.config(model="resnet18_acm", inputs=("t",))
+    model, first = exp.model(cfg)  # trains
+    d = exp.run_dir(cfg)
+    assert (d / "checkpoint.pt").exists() and type(model).__name__ == "ResNet"
+    again, res = exp.model(cfg)  # cached with weights: the same network, nothing printed
+    assert res.test == first.test and "again" not in capsys.readouterr().out
+    for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+    # as a clone has it: the result without its checkpoint, and an old accuracy we can recognise
+    (d / "checkpoint.pt").unlink()
+    old = json.loads((d / "result.json").read_text())
+    old["device"] = "an old GPU"
+    (d / "result.json").write_text(json.dumps(old))
+    model3, res3 = exp.model(cfg)
+    out = capsys.readouterr().out
+    assert "cached without its weights; training it again" in out and "(an old GPU)" in out
+    assert (d / "checkpoint.pt").exists() and res3.device == "cpu"
+    assert json.loads((d / "result.json").read_text())["device"] == "cpu"  # replaced, not left stale
+    assert res3.test == first.test  # the CPU retrains bit for bit
+    for (name, p), q in zip(model.state_dict().items(), model3.state_dict().values()):
+        assert torch.equal(p, q), name
