@@ -34,7 +34,7 @@ from osteo.experiments import OURS, OURS_NO_DIS, TABLES
 pd.set_option("display.width", 160)'''
 
 EXPERIMENTS = '''\
-exp = osteo.Experiments(profile)
+exp = osteo.Experiments(profile, seeds=seeds)
 FIG = exp.out / "figures"
 print(plots.setup_summary(exp))'''
 
@@ -69,7 +69,8 @@ else `paper` when PyTorch sees a CUDA GPU, else `laptop`."""
 
 PARAMETERS = '''\
 # Parameters (papermill replaces this cell when run by `osteo reproduce --profile P`)
-profile = None  # None: $OSTEO_PROFILE, else "paper" with a CUDA GPU, else "laptop"'''
+profile = None  # None: $OSTEO_PROFILE, else "paper" with a CUDA GPU, else "laptop"
+seeds = None  # None: the profile's seeds (paper: 0, 1, 2); e.g. [0] for a first, shorter pass'''
 
 SYNTHETIC_NOTE = """\
 > **Synthetic data.** Unless you pointed the kit at your own DICOM files, every number below comes from

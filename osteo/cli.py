@@ -2,7 +2,7 @@
 
     osteo synth OUT_DIR [--n-per-class 1500 --size 256 --seed 0]   write the synthetic DICOM set
     osteo train MANIFEST [--model twin --epochs 60 ...] --out DIR     train one config
-    osteo reproduce [--profile auto|smoke|laptop|paper]               run every notebook (papermill)
+    osteo reproduce [--profile auto|smoke|laptop|paper --seeds 0]     run every notebook (papermill)
     osteo grid [--profile P --tables table2 ... --seeds 0 --worker I/N]  train the tables' runs, no notebooks
     osteo report --profile P                                          rebuild results/P/REPORT.md
     osteo predict CHECKPOINT PATH... [--out predictions.csv --gradcam DIR]
@@ -46,8 +46,11 @@ def _cmd_train(a) -> int:
     return 0
 
 
-def reproduce(profile: str = "auto", notebooks=None, tables=None) -> int:
-    """Execute the notebooks in order with papermill into ``results/<profile>/notebooks/``."""
+def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) -> int:
+    """Execute the notebooks in order with papermill into ``results/<profile>/notebooks/``.
+
+    ``seeds`` overrides the profile's seeds (the notebooks' ``seeds`` parameter), e.g. ``[0]``.
+    """
     import papermill as pm
 
     from .experiments import project_root, resolve_profile
@@ -71,7 +74,8 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None) -> int:
         all_nbs = [p for p in all_nbs if p.name[:2] in wanted or p.stem in wanted]
     out_dir = root / "results" / prof.name / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"profile {prof.name}: {prof.note}; {len(all_nbs)} notebooks -> {out_dir.relative_to(root)}")
+    seeds_note = f"; seeds {', '.join(map(str, seeds))} (the profile's: {', '.join(map(str, prof.seeds))})" if seeds else ""
+    print(f"profile {prof.name}: {prof.note}{seeds_note}; {len(all_nbs)} notebooks -> {out_dir.relative_to(root)}")
     env_before = os.environ.get("OSTEO_PROFILE")
     os.environ["OSTEO_PROFILE"] = prof.name
     cwd = Path.cwd()
@@ -82,7 +86,7 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None) -> int:
             print(f"== {nb.name}", flush=True)
             try:
                 pm.execute_notebook(
-                    str(nb.relative_to(root)), str(out), parameters={"profile": prof.name},
+                    str(nb.relative_to(root)), str(out), parameters={"profile": prof.name, "seeds": list(seeds) if seeds else None},
                     cwd=str(nb_dir.relative_to(root)), kernel_name="python3", progress_bar=False,
                     log_output=False, report_mode=False,
                 )
@@ -102,7 +106,7 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None) -> int:
 
 
 def _cmd_reproduce(a) -> int:
-    return reproduce(a.profile, notebooks=a.notebooks, tables=a.tables)
+    return reproduce(a.profile, notebooks=a.notebooks, tables=a.tables, seeds=a.seeds)
 
 
 def _cmd_report(a) -> int:
@@ -199,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", default="auto", help="smoke, laptop, paper or auto (paper with CUDA, else laptop)")
     r.add_argument("--notebooks", nargs="+", help="numbers or names of the notebooks to run (default: all)")
     r.add_argument("--tables", nargs="+", help=f"only what these need: {', '.join(NOTEBOOK_OF)}")
+    r.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds (e.g. 0 for a first pass)")
     r.set_defaults(func=_cmd_reproduce)
 
     g = sub.add_parser("grid", help="train the paper's tables without the notebooks (resumable), save them and REPORT.md")

@@ -67,3 +67,28 @@ def test_executed_notebooks_leak_no_path_or_identifier(batch):
     assert [p.stem for p in executed] == EXPECTED
     for path in executed:
         assert_executed_notebook_clean(path)
+
+
+def test_reproduce_passes_profile_and_seeds_to_every_notebook(monkeypatch, capsys):
+    """`osteo reproduce --seeds 0` (a first pass of the paper profile): papermill gets the seeds, and
+    every notebook's parameters cell has them and gives them to its Experiments."""
+    import papermill as pm
+
+    import osteo.report
+    from osteo import cli
+
+    calls = []
+    monkeypatch.setattr(pm, "execute_notebook", lambda nb, out, parameters, **kw: calls.append((nb, parameters)))
+    monkeypatch.setattr(osteo.report, "write_report", lambda out: ROOT / "results" / "smoke" / "REPORT.md")
+    assert cli.main(["reproduce", "--profile", "smoke", "--tables", "table2", "--seeds", "0", "7"]) == 0
+    assert [Path(nb).name[:2] for nb, _ in calls] == ["03", "09"]
+    assert all(p == {"profile": "smoke", "seeds": [0, 7]} for _, p in calls)
+    assert "seeds 0, 7 (the profile's: 0)" in capsys.readouterr().out
+    calls.clear()
+    assert cli.reproduce("smoke", notebooks=["09"]) == 0
+    assert calls[0][1] == {"profile": "smoke", "seeds": None}
+    for name in EXPECTED:
+        cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+        params = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
+        assert len(params) == 1 and "seeds = None" in "".join(params[0]["source"]), name
+        assert any("osteo.Experiments(profile, seeds=seeds)" in "".join(c["source"]) for c in cells), name
