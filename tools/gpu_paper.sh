@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # Runs of the `paper` profile on a lent GPU, in parts that each fit one 10-minute command (issue 3).
 #   TABLES="table2 table3" SEEDS=0 WORKERS=3 T_TRAIN=470 bash tools/gpu_paper.sh OUT_DIR
-# Runs already under results/paper/runs/ (carried back from an earlier part) come from the cache, so
-# each part continues the last. WORKERS processes train side by side on the one GPU (osteo grid
-# --worker I/N); a run a worker cannot finish within T_TRAIN seconds is lost, the finished ones stay.
-# Brings back OUT_DIR/paper-results.tgz: results/paper/ without checkpoints and executed notebooks.
+# The result.json files under results/paper/runs/ are tracked by git, so they travel with every call
+# and their runs come from the cache: each part continues the last. Do NOT carry results/paper/runs:
+# a carried path replaces the device's copy, and with it the checkpoints of unfinished runs.
+# WORKERS processes train side by side on the one GPU (osteo grid --worker I/N); a run a worker cannot
+# finish within T_TRAIN seconds keeps its last checkpoint (every 30 s) on the device, and the next
+# call resumes it while the machine is still warm (it goes back after 30 s idle); a fresh machine
+# starts that run again.
+# REPRODUCE=1 then executes the notebooks under `paper` with the same seeds (within T_NB seconds;
+# NB_TABLES="table2 table3 fig3 fig4" picks notebooks as `osteo reproduce --tables` does). Notebooks
+# 02 and 08 train Ours and ResNet18+ACM again for their weights (git keeps no checkpoints).
+# Brings back OUT_DIR/paper-results.tgz: results/paper/ without checkpoints (executed notebooks and
+# figures included when REPRODUCE=1).
 set -u
 OUT=${1:?output folder}
 TABLES=${TABLES:-table2 table3}
@@ -26,4 +34,11 @@ done
 wait
 python3 -m osteo.cli grid --profile paper --tables $TABLES --seeds $SEEDS --only-cached --no-progress 2>&1 | tee "$OUT/grid.log"
 tail -n 3 "$OUT"/worker*.log
-tar czf "$OUT/paper-results.tgz" --exclude=checkpoint.pt --exclude=notebooks results/paper
+if [ "${REPRODUCE:-0}" = 1 ]; then
+  timeout "${T_NB:-400}" python3 -m osteo.cli reproduce --profile paper --seeds $SEEDS ${NB_TABLES:+--tables $NB_TABLES} \
+    > "$OUT/reproduce.log" 2>&1
+  echo "reproduce exit $?"; tail -n 5 "$OUT/reproduce.log"
+  tar czf "$OUT/paper-results.tgz" --exclude=checkpoint.pt --exclude='*.tmp' results/paper
+else
+  tar czf "$OUT/paper-results.tgz" --exclude=checkpoint.pt --exclude='*.tmp' --exclude=notebooks results/paper
+fi
