@@ -338,8 +338,8 @@ print(f"{result.config['epochs']} epochs on {result.device} ({result.engine} eng
 computes. On the CPU it is plain PyTorch (`eager`). On a CUDA GPU it is `grouped`: the two backbones run
 as one network with twice the channels in groups, so each layer is one kernel instead of two, in bf16
 with the data windowed on the GPU. On one H100 that trains 2,010 slices/s against 1,390 for the plain
-twin; compiling (`engine="grouped+compile"`) reaches 3,280 but spends 60-90 s compiling first, more
-than it saves on one 60-epoch run (see `results/bench/`). Tests hold every engine to the plain model."""),
+twin; compiling (`engine="grouped+compile"`) reaches 3,280 but spends 60-90 s compiling first, about
+what it saves on one 60-epoch run (see `results/bench/`). Tests hold every engine to the plain model."""),
     (MD, """\
 ## The loss terms per epoch
 `ce_s`, `ce_t`, `ce_f`: cross-entropy of each head; `dis`: cos(g_s, g_t) (before the factor λ); `acm`:

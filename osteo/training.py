@@ -245,9 +245,9 @@ class Engine:
     ``"auto"``: ``eager`` on the CPU, where we measured the grouped network ~10 % slower and
     compilation costs more than a short run saves; ``grouped`` on CUDA. Measured on one H100
     (results/bench/, 224 px, batch 128): eager 1,390 images/s, grouped 2,010, grouped+compile
-    3,280, grouped+graphs 3,380; but compiling took 60-90 s (one batch shape: a smaller last
-    batch runs eagerly, see :class:`StepRunner`), about what it saves on a 60-epoch paper run of
-    3600 slices (about 110 s grouped). Ask for ``grouped+compile`` or ``grouped+graphs`` for longer runs.
+    3,280, grouped+graphs 3,380; but compiling took 60-90 s per batch shape there, about what it
+    saves on a 60-epoch paper run of 3600 slices (about 110 s grouped; a run now compiles one
+    shape, see :class:`StepRunner`). Ask for ``grouped+compile`` or ``grouped+graphs`` for longer runs.
     """
 
     grouped: bool = False
