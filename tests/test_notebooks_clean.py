@@ -60,7 +60,7 @@ def test_committed_notebook_is_clean(path):
     for word in ("What it shows", "What it needs", "How long", "approx", "`smoke`", "`laptop`", "`paper`"):
         assert word in first.source, f"{path.name}: the opening cell does not mention {word!r}"
     code = [c.source for c in nb.cells if c.cell_type == "code"]
-    assert any("osteo.Experiments(profile)" in s for s in code), f"{path.name}: does not build its runner from the profile"
+    assert any("osteo.Experiments(profile, seeds=seeds)" in s for s in code), f"{path.name}: does not build its runner from the profile"
     assert not any("plt.show" in s or "%matplotlib" in s for s in code), f"{path.name}: figures come from osteo.plots"
     assert any(c.cell_type == "markdown" and c.source.startswith("## Try this") for c in nb.cells), f"{path.name}: no 'Try this'"
     assert nb.cells[-1].cell_type == "code" and "gc.collect()" in nb.cells[-1].source, f"{path.name}: no cleanup at the end"
