@@ -688,19 +688,25 @@ NOTEBOOKS["09_report"] = [
         "every reproduced table (2-5) beside the paper's numbers, with 95 % intervals, seeds and the gap; a "
         "paired test (McNemar) of Ours against Ours - L_dis on the same test slices; and `REPORT.md`, which "
         "collects it all (with the clinical reference and Fig. 3's numbers).",
-        "the results of notebooks 03-07 (any run still missing is trained here, so this notebook alone "
-        "reproduces every table).",
+        "the results of notebooks 03-07 (with `train_missing = True`, the default, any run still missing is "
+        "trained here, so this notebook alone reproduces every table; `osteo reproduce --tables ...` sets it "
+        "to False and reports only the tables whose runs are all done).",
         "6 s (cached)", "6 s (cached)", "about 10 s (cached)")),
-    (PARAMS, PARAMETERS),
+    (PARAMS, PARAMETERS + "\ntrain_missing = True  # False: report only the tables whose runs are all in the cache"),
     (MD, "## Setup"),
     (CODE, SETUP),
     (CODE, EXPERIMENTS),
     (MD, SYNTHETIC_NOTE + "\n\n" + TABLE_READING),
     (CODE, '''\
-tables = {name: exp.table(name) for name in TABLES}  # from the cache; trains only what is missing
+ready = [name for name in TABLES if train_missing or not exp.missing([name])]
+tables = {name: exp.table(name) for name in ready}  # from the cache; trains what is missing if train_missing
 for name, t in tables.items():
     print(TABLES[name]["title"])
-    display(t[plots.TABLE_COLUMNS + (["alpha"] if name == "table4" else [])])'''),
+    display(t[plots.TABLE_COLUMNS + (["alpha"] if name == "table4" else [])])
+for name in TABLES:
+    if name not in ready:
+        print(f"{TABLES[name]['title']}: not run yet ({len(exp.missing([name]))} runs missing; "
+              f"`osteo reproduce --tables {name}` makes it)")'''),
     (MD, r"""
 ## A paired test: Ours vs Ours - L_dis
 Both models classify the *same* test slices, so the right test compares them slice by slice rather than
@@ -709,7 +715,8 @@ right and Ours - L_dis wrong, `c` the reverse. If the dissimilarity loss made no
 would be equally likely; the exact two-sided p-value says how surprising the observed split is. One test
 per seed (the paper reports a single run)."""),
     (CODE, '''\
-mcnemar = exp.mcnemar_table()  # one row per seed; b, c: the slices only Ours / only Ours - L_dis gets right
+# one row per seed; b, c: the slices only Ours / only Ours - L_dis gets right (Table 2's runs)
+mcnemar = exp.mcnemar_table() if "table2" in tables else "Table 2 not run yet"
 mcnemar'''),
     (MD, """\
 A p-value above 0.05 means these test slices cannot tell the two models apart. For scale: the paper's

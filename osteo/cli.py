@@ -78,6 +78,12 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
     print(f"profile {prof.name}: {prof.note}{seeds_note}; {len(all_nbs)} notebooks -> {out_dir.relative_to(root)}")
     env_before = os.environ.get("OSTEO_PROFILE")
     os.environ["OSTEO_PROFILE"] = prof.name
+    def params(nb: Path) -> dict:
+        p = {"profile": prof.name, "seeds": list(seeds) if seeds else None}
+        if nb.name.startswith("09"):  # the report trains what is missing only in a full batch
+            p["train_missing"] = not wanted
+        return p
+
     cwd = Path.cwd()
     os.chdir(root)  # relative paths only in the executed notebooks' metadata
     try:
@@ -86,7 +92,7 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
             print(f"== {nb.name}", flush=True)
             try:
                 pm.execute_notebook(
-                    str(nb.relative_to(root)), str(out), parameters={"profile": prof.name, "seeds": list(seeds) if seeds else None},
+                    str(nb.relative_to(root)), str(out), parameters=params(nb),
                     cwd=str(nb_dir.relative_to(root)), kernel_name="python3", progress_bar=False,
                     log_output=False, report_mode=False,
                 )

@@ -82,11 +82,13 @@ def test_reproduce_passes_profile_and_seeds_to_every_notebook(monkeypatch, capsy
     monkeypatch.setattr(osteo.report, "write_report", lambda out: ROOT / "results" / "smoke" / "REPORT.md")
     assert cli.main(["reproduce", "--profile", "smoke", "--tables", "table2", "--seeds", "0", "7"]) == 0
     assert [Path(nb).name[:2] for nb, _ in calls] == ["03", "09"]
-    assert all(p == {"profile": "smoke", "seeds": [0, 7]} for _, p in calls)
+    assert calls[0][1] == {"profile": "smoke", "seeds": [0, 7]}
+    assert calls[1][1] == {"profile": "smoke", "seeds": [0, 7], "train_missing": False}  # only what was asked
     assert "seeds 0, 7 (the profile's: 0)" in capsys.readouterr().out
     calls.clear()
-    assert cli.reproduce("smoke", notebooks=["09"]) == 0
-    assert calls[0][1] == {"profile": "smoke", "seeds": None}
+    assert cli.reproduce("smoke") == 0  # the whole batch: the report makes whatever is missing
+    assert len(calls) == len(EXPECTED)
+    assert calls[-1][1] == {"profile": "smoke", "seeds": None, "train_missing": True}
     for name in EXPECTED:
         cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
         params = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
