@@ -83,7 +83,7 @@ def write_report(profile_dir, out_path=None) -> Path:
             "",
             f"Profile `{profile['name']}`: {profile['n_per_class']} slices per class, {profile['image_size']} px, "
             f"{profile['epochs']} epochs (ViT {profile['vit_epochs']}), batch {profile['batch_size']}, seeds {seeds}. "
-            f"{profile.get('note', '')}",
+            f"{profile.get('note', '')[:1].upper()}{profile.get('note', '')[1:]}",
             "",
             "Unless the data were your own, these numbers come from the kit's **synthetic** CT slices, not from "
             "the paper's private hospital data: they test the method, they are not the paper's results. "

@@ -126,7 +126,9 @@ def test_grid_command_saves_complete_tables_and_reports_the_rest(tmp_path, monke
 
     calls = []
     monkeypatch.setattr(E, "train", _fake_train(calls))
-    monkeypatch.setitem(E.PROFILES, "tiny", TINY)
+    import dataclasses
+
+    monkeypatch.setitem(E.PROFILES, "tiny", dataclasses.replace(TINY, note="a tiny test profile"))
     monkeypatch.setenv("OSTEO_ROOT", str(tmp_path))
     args = ["grid", "--profile", "tiny", "--tables", "table2", "table3", "--seeds", "0", "1", "--no-progress"]
     assert cli.main(args + ["--worker", "1/2"]) == 0
@@ -144,7 +146,7 @@ def test_grid_command_saves_complete_tables_and_reports_the_rest(tmp_path, monke
     mc = pd.read_csv(tables / "mcnemar.csv")
     assert list(mc["seed"]) == [0, 1] and (mc["b"] == 0).all() and (mc["c"] == 0).all()
     report = (tmp_path / "results" / "tiny" / "REPORT.md").read_text()
-    assert "seeds 0, 1 (the profile's own seeds are 0)" in report
+    assert "seeds 0, 1 (the profile's own seeds are 0). A tiny test profile." in report
     assert "## Not run yet" in report and "Table 4, Table 5" in report and "Trained on: fake." in report
 
 
