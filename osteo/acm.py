@@ -38,8 +38,11 @@ def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return (w3.unsqueeze(2) * eye.view(groups, 1, groups, 1)).reshape(o, groups * ig)
 
 
-def acm_function(x, kq_weight, kq_bias, p1_weight, p1_bias, p2_weight, p2_bias, groups: int):
+def acm_function(x, kq_weight, kq_bias, p1_weight, p1_bias, p2_weight, p2_bias, groups: int, branches: int = 1):
     """ACM as a function of its input and weights (SPEC 2); returns ``(Y, dp)``, ``dp`` of shape (B,).
+
+    ``branches`` > 1: ``x`` holds that many networks' feature maps side by side on the channel axis
+    (:mod:`osteo.grouped`), and ``dp`` is each one's own term, of shape (B, branches).
 
     Same function as the module description above, arranged for speed: the grouped 1x1 convs are
     dense GEMMs with block-diagonal weights (:func:`block_diagonal`), and since each softmax map sums
@@ -65,7 +68,7 @@ def acm_function(x, kq_weight, kq_bias, p1_weight, p1_bias, p2_weight, p2_bias, 
     q = agg[:, 1] - mu
     hidden = F.relu(F.linear(mu, block_diagonal(p1_weight, g), p1_bias))
     p = torch.sigmoid(F.linear(hidden, block_diagonal(p2_weight, g), p2_bias))
-    dp = (k * q).mean(dim=1)
+    dp = (k * q).mean(dim=1) if branches == 1 else (k * q).reshape(b, branches, c // branches).mean(dim=2)
     return (x + (k - q)[:, :, None, None]) * p[:, :, None, None], dp
 
 

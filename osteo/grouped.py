@@ -13,6 +13,10 @@ gradients and batch-norm statistics) with the model's own parameters: the weight
 inside the forward, so gradients flow back to ``G_s`` and ``G_t``, and state dicts, checkpoints and
 optimisers are the same for both engines. Batch-norm running statistics are written back to each
 backbone's buffers.
+
+:func:`grouped_twins_forward` does the same for several twins at once (2N backbones as one network),
+for example Table 4's five fixed-alpha twins, which train on the same batches: the benchmark measures
+whether that fills a large GPU better than training them one after the other (issue 4).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from torch import nn
 from .acm import acm_function
 from .models import TwinNet, TwinOutput
 
-__all__ = ["grouped_twin_forward"]
+__all__ = ["grouped_twin_forward", "grouped_twins_forward"]
 
 
 def _conv(convs: list[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
@@ -54,12 +58,12 @@ def _batch_norm(bns: list[nn.BatchNorm2d], x: torch.Tensor) -> torch.Tensor:
 
 
 def _acm(acms: list, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All backbones' ACM of one block; ``dp`` is (B, n): each backbone's own term."""
     cat = lambda name: torch.cat([getattr(m, name) for m in acms])  # noqa: E731
-    y, dp = acm_function(
+    return acm_function(
         x, cat("kq_weight"), cat("kq_bias"), cat("p1_weight"), cat("p1_bias"), cat("p2_weight"), cat("p2_bias"),
-        acms[0].groups * len(acms),
+        acms[0].groups * len(acms), branches=len(acms),
     )
-    return y, dp * len(acms)  # dp is the mean over all n*C channels; the twin term is the sum of the n means
 
 
 class _ACMWeights:
@@ -84,24 +88,41 @@ def _block(blocks: list, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return F.relu(out + identity), dp
 
 
+def _grouped_backbones(nets: list, xs: list) -> tuple[list, torch.Tensor]:
+    """Backbones of one architecture as one grouped network, each on its own input; returns each
+    one's pooled features and their ACM terms, (B, n) summed over the blocks."""
+    x = torch.cat(xs, dim=1)
+    if xs[0].is_contiguous(memory_format=torch.channels_last) and not xs[0].is_contiguous():
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = F.relu(_batch_norm([n.bn1 for n in nets], _conv([n.conv1 for n in nets], x)))
+    x = F.max_pool2d(x, 3, 2, 1)
+    acm_terms = None
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        for blocks in zip(*(getattr(n, name) for n in nets)):
+            x, dp = _block(list(blocks), x)
+            acm_terms = dp if acm_terms is None else acm_terms + dp
+    g = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    return list(g.chunk(len(nets), dim=1)), acm_terms
+
+
+def grouped_twins_forward(models: list, views: list) -> list:
+    """``[m(x_s, x_t) for m, (x_s, x_t) in zip(models, views)]`` as ONE grouped network of all their
+    backbones; returns ``[(TwinOutput, acm_term), ...]``, one per twin, as :func:`grouped_twin_forward`."""
+    nets = [net for m in models for net in (m.G_s, m.G_t)]
+    feats, acm_terms = _grouped_backbones(nets, [x for pair in views for x in pair])
+    out = []
+    for i, m in enumerate(models):
+        g_s, g_t = feats[2 * i], feats[2 * i + 1]
+        fused = m.alpha * g_s + (1 - m.alpha) * g_t
+        out.append((TwinOutput(m.head_s(g_s), m.head_t(g_t), m.head_f(fused), g_s, g_t),
+                    acm_terms[:, 2 * i] + acm_terms[:, 2 * i + 1]))
+    return out
+
+
 def grouped_twin_forward(model: TwinNet, x_s: torch.Tensor, x_t: torch.Tensor) -> tuple[TwinOutput, torch.Tensor]:
     """``model(x_s, x_t)`` computed as one grouped network; returns ``(TwinOutput, acm_term)``.
 
     ``acm_term`` is what ``model.acm_term`` holds after a plain forward (the (B,) sum of ACM's
     ``dp`` over the 16 modules of both backbones); this path does not set the modules' ``dp``.
     """
-    nets = [model.G_s, model.G_t]
-    x = torch.cat([x_s, x_t], dim=1)
-    if x_s.is_contiguous(memory_format=torch.channels_last) and not x_s.is_contiguous():
-        x = x.contiguous(memory_format=torch.channels_last)
-    x = F.relu(_batch_norm([n.bn1 for n in nets], _conv([n.conv1 for n in nets], x)))
-    x = F.max_pool2d(x, 3, 2, 1)
-    acm_term = None
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        for blocks in zip(*(getattr(n, name) for n in nets)):
-            x, dp = _block(list(blocks), x)
-            acm_term = dp if acm_term is None else acm_term + dp
-    g = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-    g_s, g_t = g.chunk(2, dim=1)
-    fused = model.alpha * g_s + (1 - model.alpha) * g_t
-    return TwinOutput(model.head_s(g_s), model.head_t(g_t), model.head_f(fused), g_s, g_t), acm_term
+    return grouped_twins_forward([model], [(x_s, x_t)])[0]

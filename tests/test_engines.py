@@ -204,3 +204,34 @@ def test_compiled_engine_compiles_the_full_batch_only(monkeypatch):
         losses[name] = [float(run(hu[:4], y[:4])[1]["total"]), float(run(hu[4:], y[4:])[1]["total"])]
     assert shapes == [(4, 32, 32)]  # the 3-slice batch did not reach the compiled function
     assert losses["compile"] == pytest.approx(losses["plain"], rel=2e-4)  # grouped vs separate float32 rounding
+
+
+def test_several_twins_as_one_grouped_network():
+    """grouped_twins_forward (e.g. Table 4's five twins at once): each twin gets exactly its own
+    forward, ACM term, gradients and batch-norm statistics, as if it ran alone."""
+    from osteo.grouped import grouped_twins_forward
+
+    twins = [_twin(seed) for seed in (0, 1)]
+    torch.manual_seed(2)
+    twins.append(TwinNet(alpha=0.9, learn_alpha=False).to(torch.float64))  # a fixed alpha, as in Table 4
+    refs = [copy.deepcopy(m) for m in twins]
+    views = [_inputs(seed=s) for s in (1, 2, 3)]
+    for m in twins + refs:
+        m.train()
+    got = grouped_twins_forward(twins, views)
+    assert len(got) == 3
+    loss_got, loss_ref = 0, 0
+    for (out, acm), ref, (x_s, x_t) in zip(got, refs, views):
+        want = ref(x_s, x_t)
+        for a, b in zip(want, out):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(acm, ref.acm_term, rtol=1e-9, atol=1e-12)
+        loss_got = loss_got + out.logits_f.pow(2).sum() + acm.sum()
+        loss_ref = loss_ref + want.logits_f.pow(2).sum() + ref.acm_term.sum()
+    loss_got.backward()
+    loss_ref.backward()
+    for m, ref in zip(twins, refs):
+        for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10, msg=name)
+        for (name, b), c in zip(m.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-12, msg=name)
