@@ -9,6 +9,10 @@ Rows (images per second, ratio to the anchor, peak GPU memory, seconds spent war
   resnet18           one plain torchvision ResNet18, same settings
   twin [ENGINE]      TwinNet through osteo's real training step (Eq. 5 + ACM term, windowed from
                      int16 HU on the device), one row per engine (osteo.training.Engine)
+  N twins [ENGINE]   (--twins N) N TwinNets, one per alpha of Table 4, trained on the same batches as ONE
+                     grouped network (osteo.grouped.grouped_twins_forward); images/s counts the
+                     slices of all N runs, so it compares with the one-twin rows: higher means
+                     training a table's runs together would be faster than one after the other
   twin eval          TwinNet inference on HU batches (separate and grouped backbones)
   data path          HU (int16, on the device) -> the two normalised views
   loop check         (--loop-check) osteo.train on a smoke-sized run against a plain eager loop of
@@ -40,7 +44,7 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _timeit(step, dev, warmup: int, steps: int, batch: int) -> dict:
+def _timeit(step, dev, warmup: int, steps: int, batch: int, runs: int = 1) -> dict:
     """Images/s of ``steps`` steps after ``warmup`` ones; the peak memory counts the warm-up too
     (CUDA graphs allocate their memory pool while they are captured there)."""
     if dev.type == "cuda":
@@ -58,7 +62,7 @@ def _timeit(step, dev, warmup: int, steps: int, batch: int) -> dict:
     _sync(dev)
     dt = time.perf_counter() - t0
     mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    return {"images_per_s": steps * batch / dt, "seconds_per_step": dt / steps, "peak_mem_gib": mem,
+    return {"images_per_s": runs * steps * batch / dt, "seconds_per_step": dt / steps, "peak_mem_gib": mem,
             "warmup_s": warm}
 
 
@@ -107,6 +111,43 @@ def _twin(dev, batch, size, engine: str):
 def twin_train_step(dev, batch, size, engine: str):
     _, _, runner, hu, y = _twin(dev, batch, size, engine)
     return lambda: runner(hu, y)
+
+
+def twins_train_step(dev, batch, size, n_twins: int, compile_: bool):
+    """``n_twins`` fixed-alpha TwinNets (Table 4) trained on the same batch as one grouped network: the
+    batch is windowed once, every twin's loss (Eq. 5 + ACM term) is summed, then one backward and one
+    Adam step. Each twin's parameters get exactly their own gradient, and Adam is per element, so
+    this is N separate trainings (tests/test_engines.py checks the forward and the gradients)."""
+    from .grouped import grouped_twins_forward
+    from .training import TrainConfig, loss_terms, make_model, network_inputs
+
+    alphas = [0.1, 0.3, 0.5, 0.7, 0.9, 0.2, 0.4, 0.6, 0.8][:n_twins]
+    cfgs = [TrainConfig(image_size=size, batch_size=batch, pretrained=False, device=str(dev), alpha=a,
+                        learn_alpha=False) for a in alphas]
+    torch.manual_seed(0)
+    models = [make_model(c).to(dev) for c in cfgs]
+    if dev.type == "cuda":
+        models = [m.to(memory_format=torch.channels_last) for m in models]
+    opt = torch.optim.Adam([p for m in models for p in m.parameters()], lr=1e-3, fused=dev.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    hu = torch.randint(-200, 900, (batch, size, size), generator=g, dtype=torch.int16).to(dev)
+    y = torch.randint(0, 3, (batch,), generator=g).to(dev)
+
+    def loss(hu, y):
+        views = network_inputs(cfgs[0], hu)
+        outs = grouped_twins_forward(models, [views] * len(models))
+        return sum(loss_terms(c, out, y, acm)["total"] for c, (out, acm) in zip(cfgs, outs))
+
+    fn = torch.compile(loss, dynamic=False) if compile_ else loss
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            total = fn(hu, y)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    return step
 
 
 def twin_eval_step(dev, batch, size, grouped: bool):
@@ -186,7 +227,7 @@ def _device_name(dev) -> str:
 
 
 def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, device="auto", out_dir="results/bench",
-        engines=None, loop=False, baselines=False) -> dict:
+        engines=None, loop=False, baselines=False, twins=5) -> dict:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     compile_ = (dev.type == "cuda") if compile_ is None else compile_
     engines = engines or (CUDA_ENGINES if dev.type == "cuda" else CPU_ENGINES)
@@ -199,9 +240,9 @@ def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, devic
     tag = "cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", _device_name(dev).lower()).strip("-")
     path = out / f"throughput-{tag}-{image_size}px.json"
 
-    def add(name, step, compiled=False):
+    def add(name, step, compiled=False, runs=1):
         print(f"  measuring {name} ...", flush=True)
-        rows[name] = r = _timeit(step, dev, cwarm if compiled else warmup, steps, batch_size)
+        rows[name] = r = _timeit(step, dev, cwarm if compiled else warmup, steps, batch_size, runs)
         mem = f", peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else ""
         print(f"    {r['images_per_s']:.1f} img/s{mem}, warm-up {r['warmup_s']:.1f} s", flush=True)
         # a partial table survives a run stopped half-way (a time limit, a crash in a later row)
@@ -212,6 +253,10 @@ def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, devic
     add("resnet18", plain_step(dev, batch_size, image_size, compile_, 1), compile_)
     for e in engines:
         add(f"twin train [{e}]", twin_train_step(dev, batch_size, image_size, e), "compile" in e or "graphs" in e)
+    if twins > 1:
+        for comp in (False, True) if dev.type == "cuda" else (False,):
+            add(f"{twins} twins as one network [grouped{'+compile' if comp else ''}]",
+                twins_train_step(dev, batch_size, image_size, twins, comp), comp, runs=twins)
     add("twin eval [eager]", twin_eval_step(dev, batch_size, image_size, grouped=False))
     add("twin eval [grouped]", twin_eval_step(dev, batch_size, image_size, grouped=True))
     add("data path (HU -> 2 views)", data_step(dev, batch_size, image_size))
@@ -278,10 +323,12 @@ def main(argv=None):
                                                  f"CPU: {' '.join(CPU_ENGINES)})")
     p.add_argument("--loop-check", action="store_true", help="also time osteo.train against a plain eager loop")
     p.add_argument("--baselines", action="store_true", help="also Table 5's other networks, eager and compiled")
+    p.add_argument("--twins", type=int, default=5, help="N twins trained as one grouped network (Table 4 has 5; "
+                                                         "0 skips the row)")
     p.add_argument("--out-dir", default="results/bench")
     a = p.parse_args(argv)
     run(a.image_size, a.batch_size, a.steps, a.warmup, False if a.no_compile else None, a.device, a.out_dir,
-        a.engines, a.loop_check, a.baselines)
+        a.engines, a.loop_check, a.baselines, a.twins)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from osteo import bench
 
 def test_bench_runs_and_its_ratios_are_consistent(tmp_path, capsys):
     rep = bench.run(image_size=32, batch_size=4, steps=1, warmup=1, device="cpu", out_dir=tmp_path,
-                    engines=("eager", "grouped"))
+                    engines=("eager", "grouped"), twins=2)
     saved = json.loads((tmp_path / "throughput-cpu-32px.json").read_text())
     assert saved["rows"].keys() == rep["rows"].keys()
     names = list(rep["rows"])
@@ -14,6 +14,8 @@ def test_bench_runs_and_its_ratios_are_consistent(tmp_path, capsys):
     anchor = rep["rows"]["anchor (2x ResNet18)"]["images_per_s"]
     for r in rep["rows"].values():
         assert r["images_per_s"] > 0 and abs(r["ratio_to_anchor"] - r["images_per_s"] / anchor) < 1e-9
+    two = rep["rows"]["2 twins as one network [grouped]"]  # counts the slices of both runs
+    assert abs(two["images_per_s"] - 2 * 4 / two["seconds_per_step"]) < 1e-6
     best = rep["rows"][f"twin train [{rep['best_twin_engine']}]"]["images_per_s"]
     assert best == max(rep["rows"][f"twin train [{e}]"]["images_per_s"] for e in ("eager", "grouped"))
     assert abs(rep["paper_epoch_seconds"] - 3600 / best) < 1e-6
@@ -32,4 +34,4 @@ def test_cli_passes_options_to_bench(monkeypatch):
     assert cli.main(["bench", "--image-size", "48", "--engines", "grouped", "--loop-check"]) == 0
     image_size, batch, *_ = seen["args"]
     assert image_size == 48 and batch == 128
-    assert seen["args"][7] == ["grouped"] and seen["args"][8] is True
+    assert seen["args"][7] == ["grouped"] and seen["args"][8] is True and seen["args"][10] == 5
