@@ -53,10 +53,13 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
     """
     import papermill as pm
 
-    from .experiments import project_root, resolve_profile
+    from .experiments import cpu_warning, project_root, resolve_profile
     from .report import write_report
 
     prof = resolve_profile(profile)
+    warning = cpu_warning(prof)
+    if warning:
+        print(warning, file=sys.stderr)
     root = project_root()
     nb_dir = root / "notebooks"
     all_nbs = sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"))
@@ -135,10 +138,13 @@ def _parse_worker(text: str) -> tuple[int, int]:
 
 
 def _cmd_grid(a) -> int:
-    from .experiments import TABLES, Experiments, describe
+    from .experiments import TABLES, Experiments, cpu_warning, describe
     from .report import write_report
 
     exp = Experiments(a.profile, seeds=a.seeds, progress=not a.no_progress)
+    warning = cpu_warning(exp.profile)
+    if warning and not a.only_cached:
+        print(warning, file=sys.stderr)
     names = a.tables or list(TABLES)
     if a.worker:
         i, n = _parse_worker(a.worker)

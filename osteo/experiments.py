@@ -54,6 +54,18 @@ PROFILES = {
 }
 
 
+def cpu_warning(profile: Profile) -> str | None:
+    """A warning when a GPU-sized profile would train on the CPU (None otherwise)."""
+    from .training import resolve_device
+
+    if profile.name != "paper" or resolve_device(profile.device).type != "cpu":
+        return None
+    return (f"warning: profile {profile.name} without a CUDA GPU: runs not yet in results/{profile.name}/runs/ "
+            f"train on the CPU, for hours each ({profile.epochs} epochs on {int(2.4 * profile.n_per_class)} "
+            f"slices at {profile.image_size} px; ViT-B/16 {profile.vit_epochs} epochs). Cached runs load in "
+            f"seconds. For a CPU, use profile laptop.")
+
+
 def resolve_profile(name: str | None = None) -> Profile:
     """``None``/``"auto"``: the ``OSTEO_PROFILE`` environment variable, else ``paper`` with CUDA, else ``laptop``."""
     if name in (None, "", "auto"):

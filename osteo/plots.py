@@ -383,7 +383,10 @@ def setup_summary(exp) -> str:
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     if dev.type == "cpu" and torch.cuda.is_available():
         where += f" (a GPU is present; profile {p.name} trains on the CPU)"
-    return "\n".join([
+    from .experiments import cpu_warning
+
+    warning = cpu_warning(p)
+    return "\n".join(([warning] if warning else []) + [
         f"profile {p.name}: {p.note}",
         f"  {p.n_per_class} slices per class, {p.image_size} px, {p.epochs} epochs (ViT {p.vit_epochs}), "
         f"batch {p.batch_size}, seeds {', '.join(map(str, p.seeds))}",

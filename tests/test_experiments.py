@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -186,3 +187,30 @@ def test_model_retrains_a_result_cached_without_weights(tmp_path, capsys):
     assert res3.test == first.test  # the CPU retrains bit for bit
     for (name, p), q in zip(model.state_dict().items(), model3.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_paper_profile_on_a_cpu_warns(monkeypatch, capsys):
+    import torch
+
+    from osteo import cli
+    from osteo.experiments import PROFILES, cpu_warning
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    w = cpu_warning(PROFILES["paper"])
+    assert "without a CUDA GPU" in w and "60 epochs on 3600 slices at 224 px" in w and "use profile laptop" in w
+    assert cpu_warning(PROFILES["laptop"]) is None and cpu_warning(PROFILES["smoke"]) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_warning(PROFILES["paper"]) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import papermill as pm
+
+    import osteo.plots
+    import osteo.report
+
+    ran = []
+    monkeypatch.setattr(pm, "execute_notebook", lambda nb, *a, **k: ran.append(nb))
+    monkeypatch.setattr(osteo.report, "write_report", lambda out: Path(out) / "REPORT.md")
+    assert cli.main(["reproduce", "--profile", "paper", "--notebooks", "01"]) == 0
+    assert [Path(nb).name[:2] for nb in ran] == ["01", "09"]  # the warning does not stop it (cached runs)
+    assert "warning: profile paper without a CUDA GPU" in capsys.readouterr().err
+    assert "without a CUDA GPU" in osteo.plots.setup_summary(Experiments("paper"))
