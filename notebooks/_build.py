@@ -556,7 +556,7 @@ On synthetic data the trabecular HU is known exactly (no region to draw, no cont
 calibration to correct), so the threshold rule is stronger here than in a clinic. If a network does not
 beat it, it has learned little beyond the mean brightness of the bone."""),
     ],
-    ("30 s", "6 min", "about 3-4 h (ViT-B/16: 500 epochs, three seeds)"),
+    ("30 s", "6 min", "about 1.5-2 h (ViT-B/16: 500 epochs, three seeds, at an assumed 1,300-2,000 images/s)"),
     """\
 1. Which baseline is closest to Ours here, and is the gap larger than the intervals?
 2. Fit the threshold rule on `dxa_tscore` instead (`column="dxa_tscore"`): the labels come from DXA, so
