@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,8 +134,10 @@ def load_data(manifest, image_size: int = 224, cache_dir=None, progress: bool = 
         arr = read_slices(paths, image_size, progress=progress)
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp.npy")
-            np.save(tmp, arr)
+            # a temporary file of its own: parallel workers (osteo grid --worker) may fill the same cache
+            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.stem + ".", suffix=".tmp.npy")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, arr)
             os.replace(tmp, cache_file)
     y = df["label"].map({lab: i for i, lab in enumerate(LABELS)}).to_numpy(np.int64)
 

@@ -1,10 +1,13 @@
 """The synthetic lumbar CT data set (osteo.synthetic): DICOM validity, realism numbers of SPEC section 5,
 class structure, split, determinism, the HU threshold rule (the "clinical reference"), and the
 microarchitecture model: information about the label beyond mean HU, visible in the image."""
+import os
+
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import torch
 
 from osteo.synthetic import LABELS, MANIFEST_COLUMNS, SyntheticError, debug_slice, synthesize, threshold_rule
 
@@ -338,3 +341,27 @@ def test_bad_arguments_are_named():
         synthesize("/nonexistent-never-written", n_per_class=0, progress=False)
     with pytest.raises(KeyError, match="no patient"):
         debug_slice("SYN99999", 0, n_per_class=2, size=48)
+
+
+def test_two_loaders_filling_the_same_cache_do_not_collide(small, monkeypatch, tmp_path):
+    """Parallel `osteo grid --worker` processes load the same data at once; each writes the slice
+    cache through a temporary file of its own (a shared name once made one worker crash)."""
+    import osteo.data as D
+
+    out, _ = small
+    cache = tmp_path / "cache"
+    real_replace, nested = os.replace, []
+
+    def replace_after_a_competitor(src, dst):  # another loader finishes between our save and our rename
+        if not nested:
+            nested.append(None)
+            nested[0] = D.load_data(out / "manifest.csv", image_size=32, cache_dir=cache, progress=False)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(D.os, "replace", replace_after_a_competitor)
+    data = D.load_data(out / "manifest.csv", image_size=32, cache_dir=cache, progress=False)
+    assert torch.equal(data.train.hu, nested[0].train.hu)
+    assert [p.name for p in cache.iterdir()] == [next(cache.glob("slices-*.npy")).name]  # no temporary file left
+    monkeypatch.setattr(D.os, "replace", real_replace)
+    again = D.load_data(out / "manifest.csv", image_size=32, cache_dir=cache, progress=False)  # from the cache
+    assert torch.equal(again.test.hu, data.test.hu)

@@ -24,8 +24,17 @@ if [ "${CUDA_TESTS:-1}" = 1 ]; then  # the eager CUDA tests, on the GPU while th
   timeout 150 python3 -m pytest -o addopts= -p no:cacheprovider -v -rfE --durations=0 tests/test_cuda.py \
     -k "trains_on_cuda or same_function or (not compile and not graphs)" > "$OUT/test_cuda_fast.log" 2>&1 &
 fi
-# the synthetic paper set: deterministic, so the same files and run keys on every machine
-time python3 -c "from osteo import Experiments; print(Experiments('paper', progress=False).manifest())"
+# the synthetic paper set (deterministic, so the same files and run keys on every machine), and its
+# resized-slice caches for every input size the tables need, before the workers start
+time python3 - $TABLES <<'PY'
+import sys
+from osteo import Experiments
+e = Experiments("paper", progress=False)
+print(e.manifest())
+for size in sorted({c.image_size for c in e.table_configs(sys.argv[1:])}):
+    e.data(size)
+    print(f"slices cached at {size} px")
+PY
 wait
 for i in $(seq 1 "$WORKERS"); do
   timeout "$T_TRAIN" python3 -m osteo.cli grid --profile paper --tables $TABLES --seeds $SEEDS \
