@@ -81,6 +81,7 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
     print(f"profile {prof.name}: {prof.note}{seeds_note}; {len(all_nbs)} notebooks -> {out_dir.relative_to(root)}")
     env_before = os.environ.get("OSTEO_PROFILE")
     os.environ["OSTEO_PROFILE"] = prof.name
+
     def params(nb: Path) -> dict:
         p = {"profile": prof.name, "seeds": list(seeds) if seeds else None}
         if nb.name.startswith("09"):  # the report trains what is missing only in a full batch
