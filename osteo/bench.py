@@ -253,13 +253,14 @@ def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, devic
     add("resnet18", plain_step(dev, batch_size, image_size, compile_, 1), compile_)
     for e in engines:
         add(f"twin train [{e}]", twin_train_step(dev, batch_size, image_size, e), "compile" in e or "graphs" in e)
+    add("twin eval [eager]", twin_eval_step(dev, batch_size, image_size, grouped=False))
+    add("twin eval [grouped]", twin_eval_step(dev, batch_size, image_size, grouped=True))
+    add("data path (HU -> 2 views)", data_step(dev, batch_size, image_size))
+    # last: compiling ten backbones may take long, and a time limit should not cost the rows above
     if twins > 1:
         for comp in (False, True) if dev.type == "cuda" else (False,):
             add(f"{twins} twins as one network [grouped{'+compile' if comp else ''}]",
                 twins_train_step(dev, batch_size, image_size, twins, comp), comp, runs=twins)
-    add("twin eval [eager]", twin_eval_step(dev, batch_size, image_size, grouped=False))
-    add("twin eval [grouped]", twin_eval_step(dev, batch_size, image_size, grouped=True))
-    add("data path (HU -> 2 views)", data_step(dev, batch_size, image_size))
     if baselines:
         for name in ("efficientnet_b0", "inception_v3", "xception", "vit_b_16"):
             size = 299 if name in ("inception_v3", "xception") else image_size
