@@ -92,6 +92,13 @@ def plain_step(dev, batch, size, compile_: bool, n_models: int = 1, name: str = 
     return step
 
 
+def _hu_batch(dev, batch, size):
+    """A fixed batch of int16 HU slices and labels on the device (what training reads)."""
+    g = torch.Generator().manual_seed(0)
+    hu = torch.randint(-200, 900, (batch, size, size), generator=g, dtype=torch.int16).to(dev)
+    return hu, torch.randint(0, 3, (batch,), generator=g).to(dev)
+
+
 def _twin(dev, batch, size, engine: str):
     from .training import Engine, TrainConfig, make_model
 
@@ -101,9 +108,7 @@ def _twin(dev, batch, size, engine: str):
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=dev.type == "cuda")
-    g = torch.Generator().manual_seed(0)
-    hu = torch.randint(-200, 900, (batch, size, size), generator=g, dtype=torch.int16).to(dev)
-    y = torch.randint(0, 3, (batch,), generator=g).to(dev)
+    hu, y = _hu_batch(dev, batch, size)
     runner = Engine.parse(engine, dev).runner(model, cfg, opt, amp=cfg.amp and dev.type == "cuda")
     return cfg, model, runner, hu, y
 
@@ -129,9 +134,7 @@ def twins_train_step(dev, batch, size, n_twins: int, compile_: bool):
     if dev.type == "cuda":
         models = [m.to(memory_format=torch.channels_last) for m in models]
     opt = torch.optim.Adam([p for m in models for p in m.parameters()], lr=1e-3, fused=dev.type == "cuda")
-    g = torch.Generator().manual_seed(0)
-    hu = torch.randint(-200, 900, (batch, size, size), generator=g, dtype=torch.int16).to(dev)
-    y = torch.randint(0, 3, (batch,), generator=g).to(dev)
+    hu, y = _hu_batch(dev, batch, size)
 
     def loss(hu, y):
         views = network_inputs(cfgs[0], hu)
