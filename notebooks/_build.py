@@ -698,15 +698,14 @@ NOTEBOOKS["09_report"] = [
     (CODE, EXPERIMENTS),
     (MD, SYNTHETIC_NOTE + "\n\n" + TABLE_READING),
     (CODE, '''\
-ready = [name for name in TABLES if train_missing or not exp.missing([name])]
-tables = {name: exp.table(name) for name in ready}  # from the cache; trains what is missing if train_missing
+missing = {} if train_missing else {name: exp.missing([name]) for name in TABLES}  # runs not in the cache
+tables = {name: exp.table(name) for name in TABLES if not missing.get(name)}  # trains what is missing, if asked
 for name, t in tables.items():
     print(TABLES[name]["title"])
     display(t[plots.TABLE_COLUMNS + (["alpha"] if name == "table4" else [])])
-for name in TABLES:
-    if name not in ready:
-        print(f"{TABLES[name]['title']}: not run yet ({len(exp.missing([name]))} runs missing; "
-              f"`osteo reproduce --tables {name}` makes it)")'''),
+for name, runs in missing.items():
+    if runs:
+        print(f"{TABLES[name]['title']}: not run yet ({len(runs)} runs missing; `osteo reproduce --tables {name}` makes it)")'''),
     (MD, r"""
 ## A paired test: Ours vs Ours - L_dis
 Both models classify the *same* test slices, so the right test compares them slice by slice rather than
