@@ -1,8 +1,31 @@
+"""Shared fixtures, and two switches that make this machine compute like another CPU.
+
+Floating-point results depend on the CPU: the instruction set, the number of threads and the
+convolution library (oneDNN) change the kernels and the order of summation. Tests that compare two
+code paths must therefore hold on any x86-64 CPU; to check that without another machine, run
+them with different kernels here:
+
+    OSTEO_TEST_THREADS=1 pytest tests/test_engines.py      # torch.set_num_threads(1) for the session
+    OSTEO_TEST_NO_MKLDNN=1 pytest tests/test_engines.py    # oneDNN (mkldnn) off: PyTorch's own conv kernels
+    ATEN_CPU_CAPABILITY=avx2 pytest tests/test_engines.py  # PyTorch's own switch: AVX2 kernels on an AVX-512 CPU
+"""
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from osteo.data import SliceData, SliceSet
+
+if os.environ.get("OSTEO_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["OSTEO_TEST_THREADS"]))
+if os.environ.get("OSTEO_TEST_NO_MKLDNN", "0") not in ("", "0"):
+    torch.backends.mkldnn.enabled = False
+
+
+def pytest_report_header(config):
+    return (f"torch {torch.__version__}: {torch.get_num_threads()} threads, oneDNN "
+            f"{'on' if torch.backends.mkldnn.enabled else 'off'}, CPU kernels {torch.backends.cpu.get_cpu_capability()}")
 
 
 def make_separable(n_per_class=24, size=32, seed=0, test_fraction=0.25):
