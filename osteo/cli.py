@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 NOTEBOOK_OF = {"table2": "03", "table3": "04", "table4": "05", "table5": "06", "fig3": "07", "fig4": "08"}
@@ -93,13 +94,17 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
     try:
         for nb in all_nbs:
             out = out_dir.relative_to(root) / nb.name
-            print(f"== {nb.name}", flush=True)
+            t0 = time.perf_counter()
             try:
+                # A bar over the notebook's cells; the kernel only logs errors (its warning that
+                # it talks to papermill over TCP on this machine, once per notebook, is noise).
                 pm.execute_notebook(
                     str(nb.relative_to(root)), str(out), parameters=params(nb),
-                    cwd=str(nb_dir.relative_to(root)), kernel_name="python3", progress_bar=False,
-                    log_output=False, report_mode=False,
+                    cwd=str(nb_dir.relative_to(root)), kernel_name="python3",
+                    progress_bar={"desc": nb.stem, "unit": "cell", "leave": True, "file": sys.stdout},
+                    log_output=False, report_mode=False, extra_arguments=["--IPKernelApp.log_level=ERROR"],
                 )
+                print(f"{nb.name}: done in {_duration(time.perf_counter() - t0)}", flush=True)
             except pm.PapermillExecutionError as e:
                 print(f"error: {nb.name} failed in cell [{e.exec_count}]: {e.ename}: {e.evalue}\n"
                       f"the executed notebook with the traceback is {out}", file=sys.stderr)
@@ -113,6 +118,16 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
         else:
             os.environ["OSTEO_PROFILE"] = env_before
     return 0
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``: a notebook's run time for people."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def _cmd_reproduce(a) -> int:

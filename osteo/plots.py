@@ -69,26 +69,41 @@ def save_figure(fig: Figure, path, dpi: int = 120) -> Path:
 
 
 # ---- data and windows ---------------------------------------------------------------------------
-def show_slices(hu_list, titles=None, windows=("s", "t")) -> Figure:
-    """Slices in HU, one column each, one row per window of Eq. (1) (``'s'``: x_s, ``'t'``: x_t)."""
+def show_slices(hu_list, titles=None, windows=("s", "t"), per_row: int | None = None) -> Figure:
+    """Slices in HU, one column each, one row per window of Eq. (1) (``'s'``: x_s, ``'t'``: x_t).
+
+    More than ``per_row`` slices (default: all up to 4, else 3) wrap into blocks of rows, so that
+    every panel, and its title, stays readable on a laptop screen.
+    """
     hu_list = [np.asarray(h, dtype=np.float32) for h in hu_list]
     if not hu_list:
         raise ValueError("show_slices needs at least one slice")
     titles = list(titles) if titles is not None else [f"slice {i + 1}" for i in range(len(hu_list))]
     if len(titles) != len(hu_list):
         raise ValueError(f"show_slices: {len(hu_list)} slices but {len(titles)} titles")
-    fig, axes = _grid(len(windows), len(hu_list))
-    for r, w in enumerate(windows):
-        if w not in VIEW_HU_MIN:
-            raise ValueError(f"unknown window {w!r}: use 's' or 't'")
-        for c, hu in enumerate(hu_list):
-            ax = axes[r, c]
+    n = len(hu_list)
+    if per_row is None:
+        per_row = n if n <= 4 else 3
+    if per_row < 1:
+        raise ValueError(f"show_slices: per_row must be at least 1, got {per_row}")
+    per_row = min(per_row, n)
+    blocks = -(-n // per_row)
+    fig, axes = _grid(len(windows) * blocks, per_row, w=2.2, h=2.2)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i, hu in enumerate(hu_list):
+        b, c = divmod(i, per_row)
+        for k, w in enumerate(windows):
+            if w not in VIEW_HU_MIN:
+                raise ValueError(f"unknown window {w!r}: use 's' or 't'")
+            ax = axes[b * len(windows) + k, c]
+            ax.set_axis_on()
             ax.imshow(window(hu, VIEW_HU_MIN[w]), cmap="gray", vmin=0, vmax=255)
             ax.set_xticks([]), ax.set_yticks([])
-            if r == 0:
-                ax.set_title(titles[c], fontsize=9)
+            if k == 0:
+                ax.set_title(titles[i], fontsize=11)
             if c == 0:
-                ax.set_ylabel(VIEW_NAME[w], fontsize=9)
+                ax.set_ylabel(VIEW_NAME[w], fontsize=11)
     return fig
 
 

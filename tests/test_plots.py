@@ -35,6 +35,33 @@ def test_show_slices_windows_each_slice_with_eq1():
         plots.show_slices(hu, titles=["only one"])
 
 
+@pytest.mark.parametrize("n, per_row, rows, cols", [(9, None, 6, 3), (9, 3, 6, 3), (7, 3, 6, 3), (18, 6, 6, 6),
+                                                    (4, None, 2, 4), (1, None, 2, 1), (5, 10, 2, 5)])
+def test_show_slices_wraps_many_slices_into_readable_blocks(n, per_row, rows, cols):
+    """Nine slices in one row made titles a few pixels high on screen: they wrap, in blocks of one row per window."""
+    hu = [np.full((8, 8), -1000.0 + 100 * i) for i in range(n)]
+    fig = plots.show_slices(hu, titles=[f"t{i}" for i in range(n)], per_row=per_row)
+    grid = fig.axes[0].get_subplotspec().get_gridspec()
+    assert (grid.nrows, grid.ncols) == (rows, cols)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 2 * n  # every slice in both windows, no empty panel drawn
+    titled = [ax.get_title() for ax in shown if ax.get_title()]
+    assert titled == [f"t{i}" for i in range(n)]
+    # slice i sits in block i // cols, column i % cols; its x_t panel one row below its x_s panel
+    for i in range(n):
+        b, c = divmod(i, cols)
+        s_ax = fig.axes[(2 * b) * cols + c]
+        t_ax = fig.axes[(2 * b + 1) * cols + c]
+        hu_i = -1000.0 + 100 * i
+        np.testing.assert_allclose(s_ax.images[0].get_array(), np.clip(255 * (hu_i + 128) / 1152, 0, 255), rtol=1e-5)
+        np.testing.assert_allclose(t_ax.images[0].get_array(), np.clip(255 * (hu_i + 450) / 1474, 0, 255), rtol=1e-5)
+        assert s_ax.get_title() == f"t{i}"
+    for ax in fig.axes:
+        assert ax.title.get_fontsize() >= 10 or not ax.get_title()
+    with pytest.raises(ValueError, match="per_row"):
+        plots.show_slices(hu, per_row=0)
+
+
 def test_hu_histograms_counts_and_means_per_class():
     rng = np.random.default_rng(0)
     df = pd.DataFrame({
