@@ -1,0 +1,28 @@
+# %% [markdown]
+# # Solutions: notebook 04, Table 3 (the ensemble perspective)
+
+# %%
+import numpy as np
+
+import osteo
+from osteo.experiments import OURS, OURS_NO_DIS, summarise
+
+exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
+
+# %% [markdown]
+# ## Exercise 1: the dissimilarity loss on two copies of one view
+# With (x_t, x_t) both branches see the same image; only L_dis and their different random starts make them
+# differ. Compare the new row with (x_t, x_t) without L_dis, with a paired test on the same test slices.
+
+# %%
+runs = {"(x_t, x_t), no L_dis": exp.run_seeds(**dict(OURS_NO_DIS, inputs=("t", "t"))),
+        "(x_t, x_t), with L_dis": exp.run_seeds(**dict(OURS, inputs=("t", "t"))),
+        "(x_s, x_t), with L_dis (Ours)": exp.run_seeds(**OURS)}
+for label, results in runs.items():
+    row = summarise(label, results, None)
+    print(f"{label:30} {row['acc']:.2f} % [{row['ci95_low']:.1f}, {row['ci95_high']:.1f}]; "
+          f"last-epoch cos(g_s, g_t) {np.mean([r.history[-1]['loss_dis'] for r in results]):+.3f}")
+right = {label: np.concatenate([np.asarray(r.predictions["f"]) == np.asarray(r.y_true) for r in results])
+         for label, results in runs.items()}
+test = osteo.mcnemar(right["(x_t, x_t), with L_dis"], right["(x_t, x_t), no L_dis"])
+print(f"McNemar, with vs without L_dis on (x_t, x_t): {test['b']} vs {test['c']} slices, p = {test['p_value']:.3f}")
