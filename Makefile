@@ -54,7 +54,7 @@ reproduce: venv
 # the notebooks pick (OSTEO_PROFILE); the default, auto, lets each notebook choose (paper with a
 # CUDA GPU, else laptop).
 lab: venv kernel
-	$(if $(filter-out auto,$(PROFILE)),OSTEO_PROFILE=$(PROFILE)) $(BIN)/jupyter lab --ServerApp.root_dir=notebooks
+	$(if $(filter-out auto,$(PROFILE)),OSTEO_PROFILE=$(PROFILE)) $(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -94,3 +94,70 @@ def write_report(profile_dir, out_path=None) -> Path:
     out_path = Path(out_path) if out_path else profile_dir / "REPORT.md"
     out_path.write_text("\n".join(parts) + "\n")
     return out_path
+
+
+# ---- how long each notebook took ------------------------------------------------------------------
+def notebook_times(notebooks_dir) -> list:
+    """Run time of each executed notebook in a folder (``results/<profile>/notebooks/``, written by
+    ``osteo reproduce``), from the metadata papermill stores: one dict per notebook with
+    ``notebook``, ``seconds`` (the whole run, kernel start included), ``cells_seconds`` (the sum of the
+    cells' own times) and ``slowest_cell`` (its index in the executed notebook) with ``slowest_seconds``.
+
+    A notebook without papermill's timing (not executed by ``osteo reproduce``, or interrupted) is
+    an error naming the file, not a silent zero.
+    """
+    folder = Path(notebooks_dir)
+    paths = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no executed notebooks; run `osteo reproduce --profile P` first")
+    rows = []
+    for p in paths:
+        nb = json.loads(p.read_text(encoding="utf-8"))
+        pm = nb.get("metadata", {}).get("papermill", {})
+        if pm.get("duration") is None or pm.get("exception"):
+            raise ValueError(f"{p}: no complete papermill run recorded (was it executed to the end by `osteo reproduce`?)")
+        cells = [(i, c.get("metadata", {}).get("papermill", {}).get("duration")) for i, c in enumerate(nb["cells"])]
+        timed = [(i, d) for i, d in cells if d is not None]
+        slow = max(timed, key=lambda t: t[1]) if timed else (None, None)
+        rows.append({"notebook": p.stem, "seconds": float(pm["duration"]),
+                     "cells_seconds": float(sum(d for _, d in timed)),
+                     "slowest_cell": slow[0], "slowest_seconds": slow[1]})
+    return rows
+
+
+def times_table(rows: list) -> str:
+    """The rows of :func:`notebook_times` as a markdown table, with the total."""
+    from .cli import _duration
+
+    lines = ["| notebook | run time | slowest cell |", "|---|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['notebook']} | {_duration(r['seconds'])} | "
+                     f"[{r['slowest_cell']}]: {_duration(r['slowest_seconds'] or 0)} |")
+    lines.append(f"| **all** | {_duration(sum(r['seconds'] for r in rows))} | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m osteo.report times PROFILE``: the run time of each notebook of the last batch."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m osteo.report", description=main.__doc__)
+    ap.add_argument("what", choices=["times"])
+    ap.add_argument("profile", choices=sorted(PROFILES), help="whose executed notebooks: results/PROFILE/notebooks/")
+    ap.add_argument("--dir", help="another folder of executed notebooks")
+    a = ap.parse_args(argv)
+    from .experiments import project_root
+
+    folder = Path(a.dir) if a.dir else project_root() / "results" / a.profile / "notebooks"
+    try:
+        rows = notebook_times(folder)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(times_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
