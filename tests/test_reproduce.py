@@ -5,6 +5,7 @@ notebook run by nbval afterwards reuses its cached experiments.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from osteo.experiments import TABLES
+from osteo.report import notebook_times, times_table
 from test_notebooks_clean import EXPECTED, assert_executed_notebook_clean
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +96,59 @@ def test_reproduce_passes_profile_and_seeds_to_every_notebook(monkeypatch, capsy
         params = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
         assert len(params) == 1 and "seeds = None" in "".join(params[0]["source"]), name
         assert any("osteo.Experiments(profile, seeds=seeds)" in "".join(c["source"]) for c in cells), name
+
+
+def test_batch_shows_a_bar_and_the_time_of_each_notebook_without_kernel_warnings(batch):
+    out = batch.stdout + batch.stderr
+    for name in EXPECTED:
+        assert re.search(rf"^{name}\.ipynb: done in \d+ (s|min \d\d s|h \d\d min)$", batch.stdout, re.M), \
+            f"no run time for {name} in the output of osteo reproduce"
+        assert re.search(rf"{name}: +100%\|", batch.stdout), f"no progress bar over the cells of {name}"
+    assert "IPKernelApp" not in out and "WARNING" not in out, "a kernel warning reached the output of osteo reproduce"
+    times = {r["notebook"]: r for r in notebook_times(OUT / "notebooks")}
+    assert sorted(times) == EXPECTED and all(0 < r["cells_seconds"] <= r["seconds"] for r in times.values())
+
+
+def test_reproduce_asks_papermill_for_a_cell_bar_and_a_quiet_kernel(monkeypatch):
+    import papermill as pm
+
+    import osteo.report
+    from osteo import cli
+
+    kwargs = []
+    monkeypatch.setattr(pm, "execute_notebook", lambda nb, out, parameters, **kw: kwargs.append(kw))
+    monkeypatch.setattr(osteo.report, "write_report", lambda out: ROOT / "results" / "smoke" / "REPORT.md")
+    assert cli.reproduce("smoke", notebooks=["01"]) == 0
+    assert [kw["progress_bar"]["desc"] for kw in kwargs] == ["01_preprocessing", "09_report"]
+    assert all(kw["extra_arguments"] == ["--IPKernelApp.log_level=ERROR"] for kw in kwargs)
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (59.6, "1 min 00 s"), (125, "2 min 05 s"),
+                                           (3599.4, "59 min 59 s"), (3600, "1 h 00 min"), (7322, "2 h 02 min")])
+def test_durations_read_like_a_person_writes_them(seconds, text):
+    from osteo.cli import _duration
+
+    assert _duration(seconds) == text
+
+
+def _executed(tmp_path, name, duration, cells, exception=None):
+    nb = {"cells": [{"cell_type": "code", "metadata": {"papermill": {"duration": d}}, "source": "", "outputs": [],
+                     "execution_count": 1} for d in cells],
+          "metadata": {"papermill": {"duration": duration, "exception": exception}}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / f"{name}.ipynb").write_text(json.dumps(nb))
+
+
+def test_notebook_times_reads_papermill_metadata(tmp_path):
+    _executed(tmp_path, "00_data", 12.5, [0.1, 9.0, None, 2.0])
+    _executed(tmp_path, "01_preprocessing", 3.0, [1.0, 1.5])
+    rows = notebook_times(tmp_path)
+    assert [r["notebook"] for r in rows] == ["00_data", "01_preprocessing"]
+    assert rows[0]["seconds"] == 12.5 and rows[0]["cells_seconds"] == pytest.approx(11.1)
+    assert (rows[0]["slowest_cell"], rows[0]["slowest_seconds"]) == (1, 9.0)
+    table = times_table(rows)
+    assert "| 00_data | 12 s | [1]: 9 s |" in table and "| **all** | 16 s | |" in table
+    _executed(tmp_path, "02_train_twin", None, [1.0])
+    with pytest.raises(ValueError, match="02_train_twin.ipynb: no complete papermill run"):
+        notebook_times(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no executed notebooks"):
+        notebook_times(tmp_path / "empty")
