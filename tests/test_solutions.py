@@ -7,7 +7,6 @@ cached the notebooks' runs: then each trains at most the one or two runs its exe
 (seconds each under smoke). Every exercise must show a result; none may warn or fail.
 """
 import re
-from pathlib import Path
 
 import nbformat
 import pytest
