@@ -51,9 +51,11 @@ class SliceData:
     image_size: int
     labels: tuple = LABELS
     source: str = ""
+    synthetic_version: str = ""  # the generator's version for synthetic data ("" for real data)
 
     def to(self, device) -> "SliceData":
-        return SliceData(self.train.to(device), self.test.to(device), self.image_size, self.labels, self.source)
+        return SliceData(self.train.to(device), self.test.to(device), self.image_size, self.labels, self.source,
+                         self.synthetic_version)
 
     def describe(self) -> str:
         def counts(s: SliceSet) -> str:
@@ -150,4 +152,7 @@ def load_data(manifest, image_size: int = 224, cache_dir=None, progress: bool = 
             [paths[i] for i in idx],
         )
 
-    return SliceData(subset("train"), subset("test"), image_size, LABELS, source)
+    version = ""
+    if "synthetic_version" in df.columns:
+        version = "+".join(sorted(set(df["synthetic_version"].astype(str))))
+    return SliceData(subset("train"), subset("test"), image_size, LABELS, source, version)

@@ -1,70 +1,80 @@
-"""The kit's embedded default data set: synthetic axial CT slices of a lumbar vertebra, as real CT DICOM.
+"""The kit's embedded default data set: synthetic axial CT slices of the lumbar spine, as real CT DICOM.
 
-The paper's 4500 hospital slices are private (SPEC section 5), so the kit ships a generator whose
-output goes through the same loader as real data. Each slice is a 2-D phantom in millimetres,
-rasterised at 0.6-0.9 mm pixels: vertebral body (kidney-shaped, thin cortical shell, trabecular
-network, basivertebral vein), spinal canal (epidural fat, CSF), pedicles, laminae, articular,
-spinous and transverse processes, psoas, paraspinal and quadratus muscles, aorta, IVC, kidneys,
-bowel, fat, skin and air. HU values follow SPEC section 5.
+The paper's 4500 hospital slices are private, so the kit ships a generator whose output goes through
+the same loader as real data. SYNTHETIC DATA: numbers measured on it are not the paper's.
 
-Bone model: every patient has an age (a DXA-referral cohort, 65 +- 12 years), a sex and a latent
-trabecular density (HU at 120 kVp, unenhanced; 226 +- 44 below 30 years, falling ~2.3 HU/year to
-89 +- 38 at 90, SPEC 5). The label does NOT come from CT: a DXA-like T-score
-``T = -1.6 + 1.2 (0.62 z + 0.78 e)`` (z: the density's z-score in the cohort, e: a standard-normal
-residual) correlates with that density only imperfectly (r = 0.62) and is thresholded like DXA
-(normal T > -1, osteopenia -2.5 < T <= -1, osteoporosis T <= -2.5). The brief suggested r ~0.7-0.8;
-0.62 reproduces SPEC's per-class means (normal ~180, osteopenia ~145, osteoporosis ~115 HU) and
-their heavy overlap (we get ~190/150/116 with contrast and kVp effects). A slice's ``trabecular_hu``
-adds to the density a level-to-level variation (3 %), the kVp effect (100 kVp +8 %, 140 kVp -5 % on
-the bone part) and contrast enhancement of the marrow (+10-20 HU). Mean HU alone therefore reaches
-~55 % (3 classes).
+Anatomy (per patient one lumbar level, L1-L5, in the manifest's ``level``; all of the patient's slices
+cut that vertebra, 3-5 mm apart). At every level: skin, subcutaneous fat (5-45 mm), abdominal wall
+muscles, visceral fat between bowel loops packed in the peritoneal cavity (fluid, gas with an air-fluid
+level, faeces), aorta (bifurcating at L4) and IVC (iliac vessels at L5), psoas growing from L1 to L5,
+quadratus lumborum, erector spinae, multifidus. At L1-L2: liver, spleen, stomach with gas, pancreas,
+SMA, crura of the diaphragm, kidneys with cortex, medulla, sinus fat and pelvis, renal veins, lower ribs;
+at L3 the kidneys' lower poles and the colon; at L5 the iliac wings with iliacus and gluteus. Organ HU
+(unenhanced / portal venous) follow radiology teaching values (e.g. Hofer, CT Teaching Manual): liver
+55-65 / 100-120, spleen 45-50 / 110-130, pancreas 40-50 / 90-110 (fattier with age), kidney 30-35 /
+cortex 150-200, muscle 45-55 (lower with fat infiltration), fat -95 to -105, bowel wall 30-45; organs
+have soft partial-volume edges (1-1.5 mm) and a faint parenchymal texture. Body fat is ~35-50 % of the
+cross-section (``body_fat_fraction``; one real L1-L2 slice: 38 %).
 
-Microarchitecture -- a design assumption of the kit, not a fact from the paper. The paper's premise is
-that texture carries information beyond mean HU (its CNNs reach 64-77 %); with a label tied to density
-alone no model could beat ~55 % here. So the residual e gets a visible counterpart: every patient has a
-score ``micro_score = 0.95 e + 0.31 eta`` (standard normal, eta independent; + = healthier) that
-changes the texture AT EQUAL MEAN HU:
+The vertebra's section depends on where the slice cuts it (``z_in_vertebra``, 0 = upper endplate;
+``section``): pedicles at 0.12-0.52 of the body's height, transverse processes 0.2-0.45, superior
+facets 0-0.35, laminae 0.35-0.9, inferior facets 0.72-1, spinous process 0.45-1, the basivertebral vein
+at mid-height, the dense endplate and the ring apophysis near 0 and 1; an element cut by only part of
+the slice thickness appears with that partial volume. The canal is oval at L1-L2, trefoil at L3-L5.
+The cortical shell (``cortex_mm``, 0.3-0.8 mm) varies around the body and thins with bone loss.
 
-- fat-replaced pockets: a fraction ``0.22 Phi(-(score + 0.6) / 1.1)`` of the trabecular area (mean
-  ~3 % normal, ~7 % osteopenia, ~14 % osteoporosis) becomes yellow marrow (90-100 % fat, few remnant
-  trabeculae: -70 to -100 HU before blur) in pockets ~2-5 mm across (excursions of a smooth random
-  field), elongated along z (8 mm: horizontal trabeculae are lost first, so marrow spaces join
-  vertically, which keeps them visible in thick slices). The bone outside the pockets gains exactly
-  what the pockets lose over the trabecular mask (the remaining trabeculae are thicker), so
-  ``trabecular_hu`` is that of the density-only model and knows nothing of the score;
-- a coarser network: the trabecular network's spatial frequency scales by ``1 + 0.08 score`` (fewer,
-  thicker trabeculae at the same BV/TV when the score is low).
+Bone model: every patient has an age (a DXA-referral cohort, 65 +- 12 years) and a latent trabecular
+density (HU at 120 kVp, unenhanced; 226 +- 44 below 30 years, falling ~2.3 HU/year to 89 +- 38 at 90).
+The label does NOT come from CT: a DXA-like T-score ``T = -1.6 + 1.2 (0.62 z + 0.78 e)`` (z: the
+density's z-score in the cohort, e: a standard-normal residual) correlates with that density only
+imperfectly (r = 0.62) and is thresholded like DXA (normal T > -1, osteopenia -2.5 < T <= -1,
+osteoporosis T <= -2.5). A slice's ``trabecular_hu`` adds a level-to-level variation, the kVp effect
+(100 kVp +8 %, 140 kVp -5 %) and contrast enhancement of the marrow (+10-20 HU).
 
-Rationale: osteoporotic bone loses trabecular number and connectivity before thickness and its marrow
-turns fatty (focal fat is common in elderly vertebrae), while the DXA residual of real cohorts comes
-partly from cortex, bone size and degenerative change; tying the residual to texture is our choice,
-made so that the paper's question has an answer on these data. Measured (seed 0, the default 3 x 1500
-slices of 256 px): per-class mean ``trabecular_hu`` 188 / 147 / 116 (as before); the threshold rule on
-it 54 % on the test slices (53 % on test patients); a nearest-class-mean rule on two features measured
-in the image (ROI mean HU and the fraction of dark pocket pixels) 70 % (5-fold CV by patient); the
-label from ``trabecular_hu`` and the slice's true pocket fraction 79 % (near what an ideal observer of
-a slice can do), from ``bone_density`` and ``micro_score`` 86-89 %. Trabecular ROI SD (median, with
-noise) rises from ~41 HU (normal) to ~58 HU (osteoporosis). Windows: pockets cannot go below fat
-(~-100 HU); below -128 HU (where x_s clips and x_t does not) lie only noise tails, < 0.01 % of
-trabecular pixels, so x_s and x_t show the same bone information with different contrast. We found no
-physical way to put bone information between -450 and -128 HU and did not invent one.
+Trabecular texture (drawn at 3x the pixel resolution, then averaged, blurred and partial-volumed over
+the slice thickness): vertical trabeculae cross an axial slice as rods (spots of a band-pass field),
+continuous from slice to slice (an AR(1) process along z, correlation length 12 mm), so a patient's
+neighbouring slices share their texture; horizontal trabeculae form a network of lines in the slice,
+new in each slice. Bone loss removes the horizontal trabeculae first (``h_share``, the share of the
+bone in them, falls from ~0.5 to ~0.2: vertical striation dominates), makes the pattern coarser
+(larger marrow spaces) and the marrow fattier and patchier (a smooth field, also continuous along z).
+Microarchitecture -- a design assumption of the kit: the T-score residual e gets a visible counterpart,
+a score ``micro_score = 0.95 e + 0.31 eta`` (+ = healthier) that shifts ``h_share`` and the coarseness
+AT EQUAL MEAN HU (the bone fraction is re-centred exactly over the trabecular mask), so texture carries
+information beyond mean HU, as the paper's premise needs; it looks like trabecular loss, not like holes.
 
-Texture: a rod/plate network drawn at 3x the pixel resolution (zero level set of band-pass noise,
-constant thickness) from which trabeculae are removed as density falls (BV/TV falls, thickness
-stays), in marrow that gets fattier and patchier, plus the pockets above; it is averaged to CT
-pixels, shrunk towards its mean for the slice thickness (the phantom is 2-D; a slice averages layers
-along z, calibrated so the trabecular ROI SD is ~40-60 HU with noise, SPEC 5 says ~35-50 on real
-slices), blurred by a Gaussian PSF (sigma 0.45-0.75 mm) and overlaid with slightly correlated noise
-(SD 10-30 HU, lower for thick slices and high kVp).
-Soft tissues are drawn once per patient; each of a patient's slices (neighbouring levels) moves,
-rotates and scales the vertebra a little and draws new texture and noise.
+Confounders (``synthesize(confounders=...)``, each switchable and recorded in ``confounders``; the
+labels, densities and T-scores are identical with and without them). Off, the attribute is drawn
+independently of the label; on, it goes with the T-score at about its literature strength:
 
-Everything is deterministic from ``seed`` (same seed, same bytes). ``threshold_rule`` is the
-"clinical reference": opportunistic screening by mean trabecular HU with two thresholds fitted on
-train (Pickhardt-style), which is not part of the paper.
+- ``sex``: women's T-scores are 1 SD lower, so osteoporosis is ~3-4x as common in women over 50
+  (Wright et al., J Bone Miner Res 2014, NHANES 2005-2010). Sex shows
+  in the image through body habitus (more subcutaneous fat, smaller muscles and vertebrae in women).
+- ``body``: body size and fat (subcutaneous thickness, visceral fat) correlate r = 0.3 with the T-score
+  (low weight/BMI is among the strongest correlates of low BMD: Felson et al., J Bone Miner Res 1993).
+- ``muscle``: psoas and paraspinal size and attenuation (fat infiltration) correlate r = 0.3 with the
+  T-score (sarcopenia and osteoporosis go together; low muscle attenuation predicts fracture: Lang et
+  al., J Bone Miner Res 2010).
+- ``cortex``: the cortical shell's thickness correlates r = 0.4 with the T-score's residual after
+  trabecular density (the shell carries a large part of vertebral strength and of areal BMD and thins
+  in osteoporosis: Ritzel et al., J Bone Miner Res 1997).
+- ``aorta``: aortic wall calcification becomes more likely with age (log odds +0.09 per year) and with
+  a low T-score (odds ratio 1.65 per SD: Schulz et al., J Clin Endocrinol Metab 2004; Kiel et al.,
+  Calcif Tissue Int 2001). Off, calcification follows a random age instead of the patient's.
+
+Scanner: a Gaussian PSF (sigma 0.45-0.75 mm), then noise from a filtered back-projection
+(:mod:`osteo.ct_noise`: a bank of fields made by projecting an abdomen phantom, adding quantum noise
+to the sinogram and reconstructing; a random crop of a random field per slice, scaled to the slice's
+``noise_sd`` of 10-30 HU): its power peaks at ~0.1-0.2 cycles/mm, with mild lateral streaks.
+
+Everything is deterministic from ``seed`` (same seed, same bytes). ``SYNTHETIC_VERSION`` is written in
+every manifest row and carried into every training result; results of another version are not
+comparable. ``threshold_rule`` is the "clinical reference": opportunistic screening by mean trabecular
+HU with two thresholds fitted on train (Pickhardt-style), which is not part of the paper.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import multiprocessing as mp
@@ -78,6 +88,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .ct_noise import bank_size, noise_bank, noise_patch
 from .manifest import LABELS  # one ordering of the classes for the whole kit
 
 MANIFEST_COLUMNS = (
@@ -86,7 +97,10 @@ MANIFEST_COLUMNS = (
     "pixel_spacing", "slice_thickness", "age", "sex",
     # our extras
     "roi_hu", "roi_sd", "bv_tv", "marrow_hu", "psf_sigma", "slice_index",
-    "micro_score", "pocket_frac",  # microarchitecture: the patient's latent score, the slice's pocket fraction
+    "micro_score", "h_share",  # microarchitecture: the patient's latent score, horizontal trabeculae's share
+    # anatomy and confounders (module docstring)
+    "level", "section", "z_in_vertebra", "confounders", "body_fat_fraction", "subcutaneous_fat_mm",
+    "psoas_cm2", "muscle_hu", "cortex_mm", "aortic_calcium", "synthetic_version",
 )
 
 # ---- cohort model (tuned by simulation, see module docstring) -------------------------------
@@ -98,21 +112,14 @@ _KVP_BONE = {100: 1.08, 120: 1.0, 140: 0.95}  # lower kVp -> higher bone HU
 _KVP_NOISE = {100: 1.2, 120: 1.0, 140: 0.85}
 _KVP_FAT = {100: -3.0, 120: 0.0, 140: 2.0}
 _BONE_TISSUE_HU = 1800.0  # effective HU of fully mineralised bone tissue (before partial volume)
-_BASE_BVTV = 0.30  # BV/TV of the complete network; lower densities remove trabeculae
 _UP = 3  # texture super-sampling factor
-_GAP_F = 0.45  # cycles/mm: scale of the holes left by removed trabeculae
-# mm: correlation length of the network along z (the phantom is 2-D), calibrated with the pockets to
-# SPEC 5's ROI SD (0.2 before the microarchitecture model)
-_Z_CORR = 0.1
 _MARROW_PATCH_HU = 30.0  # depth of fatty marrow patches per unit fat fraction
 # microarchitecture (see module docstring): a latent score per patient that explains most of the
-# T-score's residual after density, shown as fat-replaced pockets and a coarser network at equal mean HU
+# T-score's residual after density, shown as fewer horizontal trabeculae and a coarser pattern at equal mean HU
 _MICRO_CORR = 0.95  # correlation of the microarchitecture score with the T-score residual
-_POCKET_M0, _POCKET_MS = 0.6, 1.1  # pocket fraction = MAX * Phi(-(score + M0) / MS)
-_POCKET_MAX = 0.22  # area fraction of fat pockets as the score -> -infinity
-_POCKET_F = 0.17  # cycles/mm: Gaussian low-pass of the pocket field (correlation 1.3 mm: pockets ~2-5 mm)
-_POCKET_Z = 8.0  # mm: extent of a pocket along z (partial volume in thick slices)
-_F0_SLOPE = 0.08  # relative change of the network's spatial frequency per unit score
+_H_SLOPE = 0.12  # change of the horizontal trabeculae's share of the bone per unit score
+_F0_SLOPE = 0.08  # relative change of the pattern's spatial frequency per unit score
+SYNTHETIC_VERSION = "synthetic-2"  # recorded in every manifest row and result; bump when the images change
 _PAD = 8  # pixels of edge padding around the FFT blur (avoids wrap-around)
 
 
@@ -125,9 +132,7 @@ def _density_prior(age: float, sex: str) -> tuple[float, float]:
     f = min(max((age - 30.0) / 60.0, 0.0), 1.0)
     mu = 226.0 - (226.0 - 89.0) * f
     sd = 44.0 - 6.0 * f
-    if age > 50:
-        mu += -6.0 if sex == "F" else 6.0
-    return mu, sd
+    return mu, sd  # sex acts through the T-score (the "sex" confounder), not through CT density
 
 
 def _label_of(t: float) -> str:
@@ -151,11 +156,13 @@ class _Patient:
     patient_id: str = ""
     n_slices: int = 0
     t_resid: float = 0.0  # standard-normal residual of the T-score after density (not stored)
+    u_sex: float = 0.0  # the uniform that drew the sex (re-used when sex goes with the T-score)
 
 
 def _draw_patient(rng: np.random.Generator, cand: int) -> _Patient:
     age = float(np.clip(rng.normal(_AGE_MEAN, _AGE_SD), 20.0, 90.0))
-    sex = "F" if rng.random() < _FEMALE_FRACTION else "M"
+    u_sex = float(rng.random())
+    sex = "F" if u_sex < _FEMALE_FRACTION else "M"
     mu, sd = _density_prior(age, sex)
     density = max(mu + sd * rng.standard_normal(), 30.0)
     z = (density - _POP_DENSITY_MEAN) / _POP_DENSITY_SD
@@ -170,7 +177,7 @@ def _draw_patient(rng: np.random.Generator, cand: int) -> _Patient:
     dose_sd = rng.uniform(11.0, 21.0)
     noise_sd = float(np.clip(dose_sd * math.sqrt(2.5 / thickness) * _KVP_NOISE[kvp], 10.5, 29.0))
     return _Patient(cand, round(age, 1), sex, round(density, 2), tscore, _label_of(tscore), kvp,
-                    contrast, round(noise_sd, 2), spacing, thickness, psf, t_resid=e)
+                    contrast, round(noise_sd, 2), spacing, thickness, psf, t_resid=e, u_sex=u_sex)
 
 
 def _cohort(n_per_class: int, seed: int, slices_per_patient: int) -> list[_Patient]:
@@ -244,14 +251,22 @@ def _sd_circle(x, y, cx, cy, r):
     return np.sqrt((x - cx) ** 2 + (y - cy) ** 2) - r
 
 
+def _sd_above(x, y, y0):
+    """Half-plane y < y0 (anterior of y0: where gas collects in a supine patient)."""
+    return (y - y0) + 0.0 * x
+
+
 @dataclass
 class _Shape:
-    kind: str  # "ellipse" | "capsule" | "circle"
+    kind: str  # "ellipse" | "capsule" | "circle" | "above" | "inter" (intersection of sub-shapes)
     args: tuple
     bbox: tuple  # xmin, xmax, ymin, ymax (mm, vertebra frame)
 
     def sd(self, x, y):
-        return {"ellipse": _sd_ellipse, "capsule": _sd_capsule, "circle": _sd_circle}[self.kind](x, y, *self.args)
+        if self.kind == "inter":
+            return np.maximum.reduce([s.sd(x, y) for s in self.args])
+        return {"ellipse": _sd_ellipse, "capsule": _sd_capsule, "circle": _sd_circle,
+                "above": _sd_above}[self.kind](x, y, *self.args)
 
 
 def _ellipse(cx, cy, a, b, ang=0.0):
@@ -268,118 +283,374 @@ def _circle(cx, cy, r):
     return _Shape("circle", (cx, cy, r), (cx - r, cx + r, cy - r, cy + r))
 
 
+def _inter(*shapes):
+    """Intersection (the first shape's bounding box; an "above" half-plane has none of its own)."""
+    return _Shape("inter", shapes, shapes[0].bbox)
+
+
+def _above(y0):
+    return _Shape("above", (y0,), (-1e4, 1e4, -1e4, y0))
+
+
 def _union_bbox(shapes):
     b = np.array([s.bbox for s in shapes])
     return (b[:, 0].min(), b[:, 1].max(), b[:, 2].min(), b[:, 3].max())
+
+
+# ---- confounders and anatomy -------------------------------------------------------------------
+CONFOUNDERS = ("sex", "body", "muscle", "cortex", "aorta")
+LEVELS = ("L1", "L2", "L3", "L4", "L5")
+_RHO_BODY = 0.3  # BMI/body fat vs BMD (module docstring: Felson 1993)
+_RHO_MUSCLE = 0.3  # psoas/paraspinal size and attenuation vs BMD (module docstring)
+_RHO_CORTEX = 0.4  # cortical thickness vs the T-score residual after trabecular density
+_CALC_T_LOGOR = 0.5  # log odds ratio of aortic calcification per SD lower T-score
+_SEX_T_SHIFT = 1.0  # mean T-score, women minus men: -1.0 SD (osteoporosis 3-4x as common in women)
+_ROD_Z = 12.0  # mm: correlation length of the vertical trabeculae along z (continuity between slices)
+_MARROW_Z = 20.0  # mm: correlation length of the fatty-marrow pattern along z
+_H_Z = 0.3  # mm: horizontal trabeculae decorrelate within a slice (partial volume over its thickness)
+_ROD_PV = 0.3  # contrast of the trabecular pattern at CT resolution (calibrated: ROI SD ~35-60 HU with noise)
+_V_Z = 6.0  # mm: vertical trabeculae wander a little (partial volume over the slice thickness)
+# psoas cross-section (cm^2, one side, men; women ~25 % less) by level: Imamura 1983-style growth L1 -> L5
+_PSOAS_CM2 = {"L1": 3.0, "L2": 6.0, "L3": 10.0, "L4": 13.5, "L5": 15.0}
+_TP_LEN = {"L1": 16.0, "L2": 20.0, "L3": 26.0, "L4": 22.0, "L5": 15.0}  # transverse process length (mm)
+# z-extent of the posterior elements as a fraction of the body's height (0 = upper endplate)
+_ELEMENTS_Z = {"pedicle": (0.12, 0.52), "transverse": (0.2, 0.45), "sup_facet": (0.0, 0.35),
+               "lamina": (0.35, 0.9), "inf_facet": (0.72, 1.0), "spinous": (0.45, 1.0)}
+
+
+def _confounder_set(confounders) -> frozenset:
+    if confounders is True:
+        return frozenset(CONFOUNDERS)
+    if confounders is None or confounders is False:
+        return frozenset()
+    if isinstance(confounders, str):
+        confounders = [c for c in confounders.replace(",", "+").split("+") if c and c != "none"]
+    out = frozenset(confounders)
+    bad = sorted(out - set(CONFOUNDERS))
+    if bad:
+        raise ValueError(f"synthesize: unknown confounder(s) {bad}; choose from {list(CONFOUNDERS)}")
+    return out
+
+
+def _confounder_label(conf: frozenset) -> str:
+    return "+".join(c for c in CONFOUNDERS if c in conf) or "none"
+
+
+def _t_z(p: _Patient) -> float:
+    return (p.tscore - _T_MEAN) / _T_SD
+
+
+def _with_sex(p: _Patient, conf: frozenset) -> _Patient:
+    """The patient with its sex drawn from the T-score (``"sex"`` on: women have a T-score 1 SD
+    lower, so osteoporosis is 3-4x as common in them) or independently of it (off)."""
+    if "sex" not in conf:
+        return p
+    mu_f = _T_MEAN - (1 - _FEMALE_FRACTION) * _SEX_T_SHIFT * _T_SD
+    mu_m = mu_f + _SEX_T_SHIFT * _T_SD
+    var = _T_SD ** 2 - _FEMALE_FRACTION * (1 - _FEMALE_FRACTION) * (_SEX_T_SHIFT * _T_SD) ** 2
+    logit = (math.log(_FEMALE_FRACTION / (1 - _FEMALE_FRACTION))
+             + ((p.tscore - mu_m) ** 2 - (p.tscore - mu_f) ** 2) / (2 * var))
+    pf = 1.0 / (1.0 + math.exp(-logit))
+    return dataclasses.replace(p, sex="F" if p.u_sex < pf else "M")
+
+
+def _coupled(rng, conf, name, rho, z_label) -> float:
+    """A standard-normal latent, correlated ``rho`` with ``z_label`` when confounder ``name`` is on."""
+    e = float(rng.standard_normal())
+    return rho * z_label + math.sqrt(1 - rho * rho) * e if name in conf else e
 
 
 @dataclass
 class _Anatomy:
     """Per-patient anatomy in the vertebra's frame (mm; x to the patient's left, y posterior)."""
 
+    level: str
     a: float
     b: float
+    height: float  # vertebral body height (mm)
+    z_start: float  # first slice's centre, mm below the upper endplate
     concave_r: float
     concave_depth: float
-    t_body: float  # cortical shell of the body (mm)
+    t_body: float  # mean cortical shell of the body (mm)
+    t_harm: tuple  # variation of the shell around the body: (amp1, phase1, amp2, phase2)
     t_post: float  # cortex of the posterior elements (mm)
     vein_r: float
     fat_hu: float
     muscle_hu: float
     csf_hu: float
     blood_hu: float
-    aorta_hu: float
-    ivc_hu: float
-    kidney_hu: float
     marrow_hu: float
-    fat_fraction: float
+    fat_fraction: float  # marrow fat fraction
     bvtv: float
     tissue_hu: float
-    psoas: float
     offset: tuple  # body centre in image mm
     theta: float
     scale: float
     z0: float
-    f0: float  # band-pass centre (cycles/mm) of the trabecular network
+    f0: float  # centre frequency (cycles/mm) of the trabecular pattern
+    loss: float  # 0 (young, healthy) .. 1 (severe loss): drives the texture's anisotropy and coarseness
+    body_outline: tuple = ()  # (cx, cy, W, H, y_back)
+    micro: float = 0.0  # microarchitecture score (standard normal; low = fewer horizontal trabeculae, coarser)
+    h_share: float = 0.5  # share of the bone in horizontal trabeculae
+    body_fat: float = 0.0  # fat fraction of the body cross-section (whole body, not the crop)
+    psoas_cm2: float = 0.0
+    calcium: int = 0  # aortic wall plaques
+    sub_fat: float = 0.0  # subcutaneous fat thickness (mm)
     background: tuple | None = None  # (size, image) cache of _background
     tex_half: tuple = (0, 0)  # half size (rows, cols) of the texture window, pixels
-    soft: list = field(default_factory=list)  # (shape, hu, kind) painted in order
-    body_outline: tuple = ()  # (cx, cy, W, H)
-    micro: float = 0.0  # microarchitecture score (standard normal; low = fewer, thicker trabeculae, fat pockets)
-    pocket_phi: float = 0.0  # expected area fraction of fat-replaced pockets
-    pocket_hu: float = 0.0  # HU of a pocket (yellow marrow, a few trabecular remnants)
+    soft: list = field(default_factory=list)  # (shape, hu, kind, edge_mm) painted in order
+    rod_spec: np.ndarray | None = None  # spectrum of the vertical trabeculae (AR(1) along z)
+    marrow_spec: np.ndarray | None = None  # spectrum of the fatty-marrow pattern (AR(1) along z)
 
 
-def _anatomy(p: _Patient, rng: np.random.Generator) -> _Anatomy:
-    s = float(np.clip(rng.normal(1.0, 0.07), 0.85, 1.18))
-    a = 23.0 * s * rng.uniform(0.95, 1.05)
-    b = 16.5 * s * rng.uniform(0.92, 1.08)
+def _anatomy(p: _Patient, rng: np.random.Generator, conf: frozenset = frozenset(CONFOUNDERS)) -> _Anatomy:
+    """One patient's anatomy at one lumbar level (all the patient's slices cut that vertebra)."""
+    fem = p.sex == "F"
+    zt = _t_z(p)
+    z_body = _coupled(rng, conf, "body", _RHO_BODY, zt)
+    z_mus = _coupled(rng, conf, "muscle", _RHO_MUSCLE, zt)
+    z_cort = _coupled(rng, conf, "cortex", _RHO_CORTEX, p.t_resid)
+    age_c = p.age if "aorta" in conf else float(np.clip(rng.normal(_AGE_MEAN, _AGE_SD), 20, 90))
+    level = LEVELS[int(rng.integers(5))]
+    li = LEVELS.index(level)
+    s = float(np.clip(rng.normal(1.0, 0.07), 0.85, 1.18)) * (0.94 if fem else 1.0) * (1 + 0.03 * li)
+    a = 22.0 * s * rng.uniform(0.95, 1.05)
+    b = 16.0 * s * rng.uniform(0.92, 1.08)
     kb = _KVP_BONE[p.kvp]
     # marrow gets fattier as density falls (SPEC 5); BV/TV from the target mean at 120 kVp, unenhanced
     ff = float(np.clip(0.3 + 0.45 * (226.0 - p.density) / 137.0 + rng.normal(0, 0.05), 0.1, 0.9))
     marrow0 = (1 - ff) * 35.0 + ff * (-95.0)
     bvtv = float(np.clip((p.density - marrow0) / (_BONE_TISSUE_HU - marrow0), 0.02, 0.45))
     boost = rng.uniform(10.0, 20.0) if p.contrast else 0.0  # enhancement of marrow (~+10-20 HU)
-    fat = rng.uniform(-102.0, -98.0) + _KVP_FAT[p.kvp]
+    fat = rng.uniform(-104.0, -96.0) + _KVP_FAT[p.kvp]
+    # cortical shell: thins with bone loss (and with the T-score residual when "cortex" is on)
+    t_body = float(np.clip((0.2 + 0.0021 * p.density) * (1 + 0.15 * z_cort), 0.3, 0.8))
+    # muscle: smaller and fattier with age-related loss ("muscle"), women smaller
+    mus_hu = float(np.clip(47.0 + 4.0 * z_mus + rng.normal(0, 1.5), 30.0, 58.0)) + (6.0 if p.contrast else 0.0)
+    height = rng.uniform(24.0, 28.0) * s
+    step = max(p.slice_thickness, 3.0)
+    span = (max(p.n_slices, 1) - 1) * step
+    lo, hi = 0.5, max(height - 0.5 - span, 0.6)
     an = _Anatomy(
-        a=a, b=b, concave_r=rng.uniform(11, 16) * s, concave_depth=rng.uniform(1.5, 3.5) * s,
-        t_body=rng.uniform(0.38, 0.6), t_post=rng.uniform(0.6, 0.9), vein_r=rng.uniform(1.0, 1.6),
-        fat_hu=fat, muscle_hu=rng.uniform(45.0, 52.0), csf_hu=rng.uniform(5.0, 15.0),
+        level=level, a=a, b=b, height=height, z_start=rng.uniform(lo, hi),
+        concave_r=rng.uniform(11, 16) * s, concave_depth=rng.uniform(1.5, 3.5) * s,
+        t_body=t_body, t_harm=(rng.uniform(0.15, 0.35), rng.uniform(0, 2 * math.pi), rng.uniform(0.05, 0.2),
+                               rng.uniform(0, 2 * math.pi)),
+        t_post=rng.uniform(0.6, 0.9) * (0.8 + 0.2 * t_body / 0.5), vein_r=rng.uniform(1.0, 1.6),
+        fat_hu=fat, muscle_hu=mus_hu, csf_hu=rng.uniform(5.0, 15.0),
         blood_hu=rng.uniform(130, 180) if p.contrast else rng.uniform(35, 45),
-        aorta_hu=rng.uniform(150, 250) if p.contrast else rng.uniform(35, 45),
-        ivc_hu=rng.uniform(100, 170) if p.contrast else rng.uniform(35, 45),
-        kidney_hu=rng.uniform(140, 200) if p.contrast else rng.uniform(28, 38),
         marrow_hu=marrow0 + boost, fat_fraction=ff, bvtv=bvtv, tissue_hu=_BONE_TISSUE_HU * kb,
-        psoas=rng.uniform(0.7, 1.3),
         offset=(rng.uniform(-4, 4), -rng.uniform(2, 10)), theta=math.radians(rng.normal(0, 3.0)),
-        scale=1.0, z0=rng.uniform(-250, -120), f0=rng.uniform(0.6, 0.75),
+        scale=1.0, z0=rng.uniform(-250, -120), f0=rng.uniform(0.5, 0.6),
+        loss=float(np.clip((226.0 - p.density) / 160.0, 0.0, 1.0)),
     )
-    yp = b - an.concave_depth  # posterior edge of the body in the midline
-    reach = 1.12 * (max(a, b) + 0.15 * min(a, b)) / p.pixel_spacing  # margin for rotation and level changes
+    reach = 1.12 * (max(a, b) + 0.15 * min(a, b)) / p.pixel_spacing
     an.tex_half = (2 * math.ceil((b * reach / max(a, b) + 3) / 2), 2 * math.ceil((reach + 3) / 2))
-    m = an.muscle_hu + (4.0 if p.contrast else 0.0)  # muscle enhances a little
-    soft = []
-    # body outline: posterior skin behind the spinous process plus subcutaneous fat
-    y_post = yp + 48.0 + rng.uniform(8, 45)
-    H, W = rng.uniform(100, 135), rng.uniform(150, 185)
-    an.body_outline = (rng.normal(0, 3), y_post - H, W, H)
-    # bowel loops anteriorly (some with gas)
-    for _ in range(int(rng.integers(4, 8))):
-        cx, cy = rng.uniform(-70, 70), rng.uniform(-(b + 85), -(b + 32))
-        ea, eb = rng.uniform(6, 18), rng.uniform(6, 16)
-        ang = rng.uniform(0, math.pi)
-        soft.append((_ellipse(cx, cy, ea, eb, ang), rng.uniform(15, 40) + (15 if p.contrast else 0), "bowel"))
-        if rng.random() < 0.3:
-            soft.append((_ellipse(cx, cy, 0.5 * ea, 0.5 * eb, ang), rng.uniform(-950, -800), "gas"))
-    for side in (-1, 1):  # kidneys
-        kx, ky = side * rng.uniform(70, 85), yp + rng.uniform(-5, 15)
-        soft.append((_ellipse(kx, ky, rng.uniform(22, 30), rng.uniform(30, 38), side * rng.uniform(0.35, 0.7)),
-                     an.kidney_hu, "kidney"))
-    ivc = _ellipse(-rng.uniform(16, 24), -(b + rng.uniform(7, 11)), rng.uniform(10, 14), rng.uniform(6, 9))
-    soft.append((ivc, an.ivc_hu, "vessel"))
-    ar = rng.uniform(9.0, 12.5)
-    ax, ay = rng.uniform(5, 14), -(b + ar + rng.uniform(1, 4))
-    soft.append((_circle(ax, ay, ar), an.aorta_hu, "vessel"))
-    if rng.random() < (p.age - 40) / 80:  # wall calcification in the elderly
-        ang = rng.uniform(0, 2 * math.pi)
-        x0, y0 = ax + (ar - 0.8) * math.cos(ang), ay + (ar - 0.8) * math.sin(ang)
-        x1, y1 = ax + (ar - 0.8) * math.cos(ang + 0.5), ay + (ar - 0.8) * math.sin(ang + 0.5)
-        soft.append((_capsule(x0, y0, x1, y1, 0.7), rng.uniform(400, 800), "calcification"))
-    for side in (-1, 1):  # muscles: quadratus lumborum, erector spinae, multifidus (psoas per slice)
-        soft.append((_ellipse(side * (a + 40), yp + 12, 14 * rng.uniform(0.8, 1.2), 8, side * 0.45),
-                     m + rng.normal(0, 1.0), "muscle"))
-        soft.append((_ellipse(side * 24, yp + 36, 17 * rng.uniform(0.9, 1.15), 19 * rng.uniform(0.9, 1.1),
-                              side * 0.17), m + rng.normal(0, 1.0), "muscle"))
-        soft.append((_ellipse(side * 9, yp + 37, 7.5, 13), m + rng.normal(0, 1.0), "muscle"))
-    an.soft = soft
-    # microarchitecture (drawn last: the draws above are those of the density-only model)
+    _soft_tissue(an, p, rng, fem, z_body, z_mus, age_c, zt, conf)
+    # microarchitecture (see module docstring): fewer horizontal trabeculae and a coarser pattern
     c = _MICRO_CORR
     an.micro = c * p.t_resid + math.sqrt(1 - c * c) * float(rng.standard_normal())
-    an.f0 = float(np.clip(an.f0 * (1.0 + _F0_SLOPE * an.micro), 0.45, 0.9))
-    an.pocket_phi = _POCKET_MAX * statistics.NormalDist().cdf(-(an.micro + _POCKET_M0) / _POCKET_MS)
-    ffp = rng.uniform(0.9, 1.0)  # fat fraction of the yellow marrow in a pocket
-    an.pocket_hu = ffp * fat + (1 - ffp) * 35.0 + 0.3 * boost + rng.uniform(0.0, 0.005) * (an.tissue_hu - fat)
+    an.h_share = float(np.clip(0.5 - 0.3 * an.loss + _H_SLOPE * an.micro, 0.08, 0.65))
+    an.f0 = float(np.clip(an.f0 * (1.0 - 0.2 * an.loss + _F0_SLOPE * an.micro), 0.3, 0.8))
+    an.body_fat = _body_fat_fraction(an)
     return an
+
+
+def _soft_tissue(an, p, rng, fem, z_body, z_mus, age_c, zt, conf):
+    """The soft tissues and extra-vertebral bone at the patient's level, as (shape, HU, kind, edge)."""
+    level, a, b = an.level, an.a, an.b
+    li = LEVELS.index(level)
+    ct = p.contrast
+    yp = b - an.concave_depth
+    m = an.muscle_hu
+    soft = []
+    add = lambda sh, hu, kind, edge=1.2: soft.append((sh, float(hu), kind, edge))
+    # body habitus: size and fat from the body latent and sex (body fat ~30-45 % of the cross-section)
+    sub = float(np.clip(10.0 + 5.0 * z_body + (5.0 if fem else -3.0) + rng.normal(0, 2), 5.0, 45.0))
+    visc = float(np.clip(1.0 + 0.35 * z_body + (-0.25 if fem else 0.1) + rng.normal(0, 0.1), 0.35, 1.9))
+    mus = float(np.clip((1.0 + 0.12 * z_mus) * (0.78 if fem else 1.0), 0.55, 1.4))
+    an.sub_fat = sub
+    back = 40.0 * math.sqrt(mus) + 8.0  # posterior body wall to the back muscles' fascia
+    y_back = yp + back + sub + 2.0
+    H = float(np.clip(105.0 + 12.0 * z_body + 0.6 * (sub - 17.0) + rng.normal(0, 6), 85.0, 160.0))
+    W = float(np.clip(1.3 * H + 18.0 + rng.normal(0, 8) + (4.0 if fem else 0.0), 115.0, 215.0))
+    by = y_back - 0.93 * H
+    bx = rng.normal(0, 3)
+    cut = _above(y_back)
+    add(_inter(_ellipse(bx, by, W, H), cut), 40.0, "skin", 0.8)
+    add(_inter(_ellipse(bx, by, W - 2, H - 2), _above(y_back - 2)), an.fat_hu, "fat", 0.8)
+    wall = 12.0 + 10.0 * mus  # abdominal wall muscles (rectus, obliques, transversus)
+    Wm, Hm = W - 2 - sub, H - 2 - sub * rng.uniform(0.8, 1.2)
+    add(_ellipse(bx, by, Wm, Hm), m, "wall", 0.8)
+    Wc, Hc = Wm - wall, Hm - wall
+    # the peritoneal cavity and retroperitoneum, filled with visceral fat
+    cav = _ellipse(bx, by, Wc, Hc)
+    add(cav, an.fat_hu + 5.0, "vfat", 0.8)
+    enh = lambda plain, pv: rng.uniform(*pv) if ct else rng.uniform(*plain)
+    wall_hu = enh((30, 45), (60, 90))
+
+    def bowel(cx, cy, ra, rb, ang, kind_content=None):
+        kind_content = kind_content or rng.choice(["fluid", "gas", "feces", "collapsed"], p=[0.35, 0.3, 0.15, 0.2])
+        if kind_content == "collapsed":
+            add(_inter(_ellipse(cx, cy, 0.6 * ra, 0.5 * rb, ang), cav), wall_hu, "bowel")
+            return
+        add(_inter(_ellipse(cx, cy, ra, rb, ang), cav), wall_hu, "bowel")
+        lumen = _ellipse(cx, cy, max(ra - 2.5, 1.0), max(rb - 2.5, 1.0), ang)
+        if kind_content == "feces":
+            add(lumen, rng.uniform(-60, 10), "bowel")
+            for _ in range(int(rng.integers(3, 7))):
+                add(_circle(cx + rng.uniform(-0.6, 0.6) * ra, cy + rng.uniform(-0.6, 0.6) * rb,
+                            rng.uniform(1.0, 2.5)), -900, "gas", 0.6)
+        else:
+            add(lumen, rng.uniform(0, 25) + (10 if ct else 0), "bowel")
+            if kind_content == "gas":  # gas rises anteriorly (supine): an air-fluid level
+                add(_inter(lumen, _above(cy + rng.uniform(-0.3, 0.6) * rb)), rng.uniform(-1000, -960), "gas", 0.6)
+
+    # ---- organs by level (x to the patient's left, so the liver is at negative x) ----------------
+    ay_aorta = -(b + rng.uniform(10, 13))
+    ar = rng.uniform(8.5, 11.5) * (1.0 + 0.004 * (p.age - 60))
+    ax = rng.uniform(4, 12)
+    if level in ("L1", "L2"):
+        big = level == "L1"
+        lv = _ellipse(bx - 0.42 * Wc, by + (0.05 if big else 0.25) * Hc, (0.55 if big else 0.32) * Wc,
+                      (0.62 if big else 0.4) * Hc, -0.2)
+        add(_inter(lv, cav), enh((55, 65), (100, 120)), "liver", 1.5)
+        if big or rng.random() < 0.4:
+            sp = _ellipse(bx + 0.7 * Wc, yp - rng.uniform(0, 20), (22 if big else 13) * rng.uniform(0.8, 1.2),
+                          (42 if big else 25) * rng.uniform(0.8, 1.2), 0.5)
+            add(_inter(sp, cav), enh((45, 50), (110, 130)), "spleen", 1.5)
+        if big:  # stomach with contents and gas anteriorly
+            cx, cy = bx + 0.3 * Wc, by - 0.4 * Hc
+            ra, rb = rng.uniform(30, 50), rng.uniform(20, 32)
+            add(_inter(_ellipse(cx, cy, ra, rb, 0.4), cav), wall_hu, "bowel")
+            lum = _inter(_ellipse(cx, cy, ra - 4, rb - 4, 0.4), cav)
+            add(lum, rng.uniform(10, 35), "bowel")
+            add(_inter(lum, _above(cy - rng.uniform(0.0, 0.5) * rb)), rng.uniform(-1000, -960), "gas", 0.6)
+        # pancreas: head near the duodenum, body across the aorta, tail towards the spleen
+        panc_hu = enh((40, 50), (90, 110)) - 0.15 * max(p.age - 50, 0)  # fatty involution with age
+        py = ay_aorta - ar - rng.uniform(12, 18)
+        add(_capsule(-28, py + 6, 55, py - (8 if big else 0), rng.uniform(8, 11)), panc_hu, "pancreas", 1.5)
+        add(_circle(ax + rng.uniform(-2, 2), ay_aorta - ar - rng.uniform(5, 8), 3.5), an.blood_hu, "vessel")  # SMA
+        # crura of the diaphragm around the aorta
+        for side, r in ((-1, 4.0 if big else 3.0), (1, 3.2 if big else 2.0)):
+            add(_capsule(side * 0.6 * a, -0.8 * b, ax + side * (ar + 2.5), ay_aorta - 0.5 * ar, r), m, "muscle", 1.0)
+    # bowel loops pack the rest of the cavity; the gaps between them are the visceral fat
+    r_loop = rng.uniform(9, 13)
+    gap = 0.2 + 1.5 * visc
+    g = 2 * r_loop + gap
+    y_lim = yp - (25 if li <= 1 else 0)
+    for gy in np.arange(by - Hc + g / 2, y_lim, g):
+        for gx in np.arange(bx - Wc + g / 2, bx + Wc, g):
+            cx, cy = gx + rng.uniform(-0.25, 0.25) * g, gy + rng.uniform(-0.25, 0.25) * g
+            if ((cx - bx) / Wc) ** 2 + ((cy - by) / Hc) ** 2 > 0.92 or abs(cx) < a + 12 and cy > -b - 25:
+                continue
+            if li <= 1 and ((cx < bx - 0.1 * Wc) or (li == 0 and cx > bx + 0.45 * Wc and cy > by - 0.2 * Hc)):
+                continue  # liver (right), spleen (left) at L1-L2
+            bowel(cx, cy, r_loop * rng.uniform(0.7, 1.2), r_loop * rng.uniform(0.6, 1.0), rng.uniform(0, math.pi))
+    if li >= 2:  # colon: ascending (right) and descending (left), lateral
+        bowel(bx - 0.72 * Wc, by + 0.05 * Hc, rng.uniform(15, 25), rng.uniform(15, 22), 0.0,
+              rng.choice(["gas", "feces"]))
+        bowel(bx + 0.75 * Wc, by + 0.1 * Hc, rng.uniform(10, 16), rng.uniform(10, 15), 0.0,
+              rng.choice(["gas", "feces", "collapsed"]))
+    # kidneys with cortex, medulla and hilum (sinus fat, pelvis) at L1-L3
+    if li <= 2:
+        for side in (-1, 1):
+            pole = (li == 2) or (li == 0 and side == -1)  # the right kidney lies lower
+            ka, kb_ = (22, 30) if not pole else (15, 19)
+            ka, kb_ = ka * rng.uniform(0.85, 1.1), kb_ * rng.uniform(0.85, 1.1)
+            kx, ky = side * (a + 28 + ka * 0.8), yp + rng.uniform(-8, 6)
+            ang = side * rng.uniform(0.35, 0.7)
+            kid = _ellipse(kx, ky, ka, kb_, ang)
+            add(kid, enh((30, 35), (150, 200)), "kidney", 1.0)
+            add(_ellipse(kx, ky, ka * 0.62, kb_ * 0.7, ang), enh((28, 33), (100, 140)), "kidney", 1.5)
+            if not pole:  # hilum opens anteromedially: sinus fat, renal pelvis, renal vein
+                hx, hy = kx - side * 0.55 * ka, ky - 0.35 * kb_
+                add(_ellipse(hx, hy, 0.45 * ka, 0.35 * kb_, ang), an.fat_hu + 10, "kidney", 1.0)
+                add(_ellipse(hx, hy, 0.22 * ka, 0.16 * kb_, ang), rng.uniform(0, 15), "kidney", 1.0)
+                if li <= 1:
+                    add(_capsule(hx, hy, (ax if side > 0 else -rng.uniform(16, 22)), ay_aorta - (ar if side > 0 else 0),
+                                 3.5), an.blood_hu, "vessel", 1.0)
+    # great vessels: aorta (bifurcates at L4), IVC (iliac veins at L5)
+    art_hu = rng.uniform(150, 250) if ct else rng.uniform(35, 45)
+    ven_hu = rng.uniform(100, 170) if ct else rng.uniform(35, 45)
+    if li <= 2:
+        vessels = [(ax, ay_aorta, ar)]
+        add(_ellipse(-rng.uniform(18, 24), -(b + rng.uniform(7, 11)), rng.uniform(10, 14), rng.uniform(6, 9)),
+            ven_hu, "vessel", 1.0)
+    else:
+        d = 8.0 if li == 3 else rng.uniform(15, 22)
+        vessels = [(ax - d, ay_aorta + 2, 0.62 * ar), (ax + d - 4, ay_aorta + 2, 0.62 * ar)]
+        if li == 3:
+            add(_ellipse(-rng.uniform(16, 22), -(b + 8), 11, 7), ven_hu, "vessel", 1.0)
+        else:
+            for side in (-1, 1):
+                add(_ellipse(side * 14 - 6, -(b + 6), 8, 6), ven_hu, "vessel", 1.0)
+    for vx, vy, vr in vessels:
+        add(_circle(vx, vy, vr), art_hu, "vessel", 0.8)
+    # aortic calcification: more with age, and with a low T-score when "aorta" is on
+    logit = -2.2 + 0.09 * (age_c - 60.0) - (_CALC_T_LOGOR * zt if "aorta" in conf else 0.0)
+    n_calc = 0
+    if rng.random() < 1.0 / (1.0 + math.exp(-logit)):
+        n_calc = int(rng.integers(1, 3 + int(max(age_c - 60, 0) // 8)))
+        for _ in range(n_calc):
+            vx, vy, vr = vessels[int(rng.integers(len(vessels)))]
+            ang, arc = rng.uniform(0, 2 * math.pi), rng.uniform(0.2, 0.8)
+            x0, y0 = vx + (vr - 0.7) * math.cos(ang), vy + (vr - 0.7) * math.sin(ang)
+            x1, y1 = vx + (vr - 0.7) * math.cos(ang + arc), vy + (vr - 0.7) * math.sin(ang + arc)
+            add(_capsule(x0, y0, x1, y1, rng.uniform(0.5, 0.9)), rng.uniform(500, 1000), "calcification", 0.5)
+    an.calcium = n_calc
+    # lower ribs at L1-L2, iliac wings at L5
+    cort = _BONE_TISSUE_HU * 0.45 * _KVP_BONE[p.kvp]
+    rib_marrow = 0.6 * an.marrow_hu + 0.4 * p.density
+    if li <= 1:
+        for side in (-1, 1):
+            for j in range(2 - li):
+                ang = rng.uniform(0.15, 0.55) + 0.3 * j
+                rx = side * (Wm - wall / 2) * math.cos(ang) + bx
+                ry = by + (Hm - wall / 2) * math.sin(ang)
+                add(_ellipse(rx, ry, 6.0, 4.0, side * ang), cort, "bone", 0.6)
+                add(_ellipse(rx, ry, 4.8, 2.8, side * ang), rib_marrow, "bone", 0.6)
+    # muscles: psoas (grows L1 -> L5), quadratus lumborum (L1-L4), erector spinae and multifidus
+    pa = _PSOAS_CM2[level] * 100.0 * mus ** 2 * rng.uniform(0.85, 1.15)
+    an.psoas_cm2 = round(pa / 100.0, 2)
+    pb = math.sqrt(pa / (math.pi * 1.35))
+    for side in (-1, 1):
+        px = side * (a + 0.75 * pb - (2 if li <= 1 else 0))
+        py = -0.15 * b - 2.0 * li
+        add(_ellipse(px, py, pb, 1.35 * pb, side * 0.35), m + rng.normal(0, 1), "muscle", 1.0)
+        if li <= 3:
+            add(_ellipse(side * (a + 34 + 2 * li), yp + 10, 13 * mus * rng.uniform(0.85, 1.15), 8 * mus, side * 0.45),
+                m + rng.normal(0, 1), "muscle", 1.0)
+        es_y0, es_y1 = yp + 14, y_back - sub - 2 - 4
+        es_c, es_b = (es_y0 + es_y1) / 2, (es_y1 - es_y0) / 2
+        es_a = (24 if li <= 3 else 20) * mus * rng.uniform(0.9, 1.1)
+        add(_ellipse(side * (8 + es_a), es_c, es_a, es_b, side * 0.1), m - 4 * (1 - mus) + rng.normal(0, 1),
+            "muscle", 1.0)
+        add(_ellipse(side * 9, yp + 34, 7.5 * mus, 14 * mus), m + rng.normal(0, 1), "muscle", 1.0)
+    if li == 4:  # iliac wings with iliacus (medial) and gluteus medius (lateral)
+        for side in (-1, 1):
+            x0, y0, x1, y1 = side * (a + 42), yp + 22, side * (a + 88), yp - 38
+            add(_capsule(x0 + side * 10, y0 - 8, x1 + side * 14, y1 + 4, 14), m, "muscle", 1.0)  # gluteus
+            add(_capsule(x0, y0, x1, y1, 5.5), cort, "bone", 0.6)
+            add(_capsule(x0, y0, x1, y1, 3.5), rib_marrow, "bone", 0.6)
+            add(_capsule(x0 - side * 12, y0 - 14, x1 - side * 14, y1 - 6, 9), m, "muscle", 1.0)  # iliacus
+    an.soft = soft
+    an.body_outline = (bx, by, W, H, y_back)
+
+
+def _body_fat_fraction(an: _Anatomy) -> float:
+    """Fat area / body area of the whole cross-section (noise-free soft tissues at 3 mm pixels)."""
+    bx, by, W, H, _ = an.body_outline
+    ps = 3.0
+    n = int(2 * max(W, H) / ps) + 4
+    fr = _Frame(n, ps, (-bx, -by), 0.0, 1.0)
+    img = np.full((n, n), -1000.0, dtype=np.float32)
+    paint = _painter(fr, img, None)
+    for shape, hu, kind, edge in an.soft:
+        paint(shape, hu, None, edge)
+    body = img > -500
+    fat = (img > -200) & (img < -40)
+    return float(fat.sum() / max(body.sum(), 1))
 
 
 # ---- rasterisation ---------------------------------------------------------------------------
@@ -405,11 +676,10 @@ class _Frame:
         return slice(r0, r1), slice(c0, c1)
 
     def centred_window(self, half):
-        """A (2*half[0]) x (2*half[1]) pixel window centred on the vertebral body (clipped to the image)."""
+        """A (2*half[0]) x (2*half[1]) pixel window centred on the vertebral body (NOT clipped)."""
         cy = int(round(self.oy / self.ps + self.cc))
         cx = int(round(self.ox / self.ps + self.cc))
-        return (slice(max(cy - half[0], 0), min(cy + half[0], self.size)),
-                slice(max(cx - half[1], 0), min(cx + half[1], self.size)))
+        return slice(cy - half[0], cy + half[0]), slice(cx - half[1], cx + half[1])
 
     def coords(self, win):
         rows, cols = win
@@ -419,9 +689,11 @@ class _Frame:
         y = (-self.s * u[None, :] + self.c * v[:, None]) / self.scale
         return x, y
 
-    def cover(self, d):
-        """Anti-aliased area coverage of a pixel from its signed distance (vertebra-frame mm)."""
-        return np.clip(0.5 - d * (self.scale / self.ps), 0.0, 1.0)
+    def cover(self, d, edge_mm=0.0):
+        """Area coverage of a pixel from its signed distance (vertebra-frame mm): anti-aliased over one
+        pixel, or a soft partial-volume edge ``edge_mm`` wide when that is wider."""
+        w = max(self.ps, edge_mm * self.scale) / self.scale
+        return np.clip(0.5 - d / np.float32(w), 0.0, 1.0)
 
 
 def _inv_norm(p):
@@ -433,7 +705,6 @@ def _amplitude(shape, spacing, kind, param):
     """rfft-grid amplitude that turns complex white noise into a unit-variance field (cached).
 
     kinds: "band" (ring at ``param`` cycles/mm, width 0.15), "low" (Gaussian low-pass, sigma ``param``),
-    "nps" (FBP-like noise power: ramp times apodisation, slightly correlated noise),
     "psf" (Gaussian PSF of sigma ``param`` mm: the transfer function itself, not normalised)."""
     h, w = shape
     fy = np.fft.fftfreq(h, d=spacing)[:, None]
@@ -446,8 +717,6 @@ def _amplitude(shape, spacing, kind, param):
         amp = np.exp(-0.5 * ((f - param) / 0.15) ** 2)
     elif kind == "low":
         amp = np.exp(-0.5 * f2 / param ** 2)
-    elif kind == "nps":
-        amp = np.sqrt(0.25 + f / 0.6) * np.exp(-0.5 * (f / 0.55) ** 2)
     else:
         raise ValueError(kind)
     amp[0, 0] = 0.0
@@ -475,33 +744,61 @@ def _field(rng, shape, spacing, kind, param=0.0):
     return np.fft.irfft2(_spectrum(rng, shape, spacing, kind, param), s=shape)
 
 
-def _bone_shapes(an: _Anatomy, psoas_f: float):
+def _ar_field(rng, prev, shape, spacing, kind, param, rho):
+    """AR(1) along z of a Gaussian field: ``rho`` times the previous slice's spectrum plus fresh noise."""
+    new = _spectrum(rng, shape, spacing, kind, param)
+    if prev is not None:
+        new *= np.float32(math.sqrt(1.0 - rho * rho))
+        new += np.float32(rho) * prev
+    return new, np.fft.irfft2(new, s=shape)
+
+
+def _z_overlap(zr: float, hz: float, lo: float, hi: float) -> float:
+    """Fraction of the slice [zr - hz, zr + hz] (relative to the body's height) inside [lo, hi]."""
+    return max(0.0, min(zr + hz, hi) - max(zr - hz, lo)) / (2 * hz)
+
+
+def _section(zr: float) -> str:
+    return "endplate" if (zr < 0.1 or zr > 0.9) else ("pedicles" if zr < 0.45 else "laminae")
+
+
+def _bone_shapes(an: _Anatomy, zr: float, hz: float):
+    """Posterior elements present in a slice at relative height ``zr`` (each with its opacity: the
+    fraction of the slice thickness that cuts it)."""
     a, b = an.a, an.b
     yp = b - an.concave_depth
-    post = []
-    for side in (-1, 1):
-        post.append(_ellipse(side * 12.5, yp + 3.5, 5.0, 8.0, -side * 0.18))  # pedicle
-        post.append(_capsule(side * 14.0, yp + 11.0, side * 3.0, yp + 21.0, 4.0))  # lamina
-        post.append(_ellipse(side * 17.0, yp + 14.0, 5.0, 7.0, side * 0.4))  # articular process
-        post.append(_capsule(side * 15.0, yp + 2.0, side * (a + 24.0), yp - 2.0, 3.5))  # transverse
-    post.append(_capsule(0.0, yp + 19.0, 0.0, yp + 46.0, 4.0))  # spinous process
-    psoas = [_ellipse(side * (a + 11 * psoas_f), -2.0, 11 * psoas_f, 15 * psoas_f, side * 0.35) for side in (-1, 1)]
-    return post, psoas
+    tp = _TP_LEN[an.level]
+    r_tp = 3.0 if an.level != "L5" else 5.0
+    els = {
+        "pedicle": [_ellipse(s * 12.5, yp + 3.5, 5.0, 8.0, -s * 0.18) for s in (-1, 1)],
+        "transverse": [_capsule(s * 15.0, yp + 2.0, s * (a + tp), yp - 2.0 + (4 if an.level == "L5" else 0), r_tp)
+                       for s in (-1, 1)],
+        "sup_facet": [_ellipse(s * 17.0, yp + 14.0, 5.0, 7.0, s * 0.4) for s in (-1, 1)],
+        "lamina": [_capsule(s * 14.0, yp + 11.0, s * 3.0, yp + 21.0, 3.5) for s in (-1, 1)],
+        "inf_facet": [_ellipse(s * 12.0, yp + 20.0, 4.5, 6.5, -s * 0.3) for s in (-1, 1)],
+        "spinous": [_capsule(0.0, yp + 19.0, 0.0, yp + 46.0, 4.0)],
+    }
+    out = []
+    for name, shapes in els.items():
+        alpha = _z_overlap(zr, hz, *_ELEMENTS_Z[name])
+        if alpha > 0.02:
+            out += [(sh, alpha) for sh in shapes]
+    return out
 
 
 def _painter(fr: _Frame, img: np.ndarray, dbg_sd: dict | None):
-    """paint(shape, hu[, kind]): composite a shape (anti-aliased) into ``img``; in debug mode keep its
-    signed distance over the whole image (image mm) under ``kind``."""
+    """paint(shape, hu[, kind, edge]): composite a shape (anti-aliased, soft edge ``edge`` mm) into
+    ``img``; in debug mode keep its signed distance over the whole image (image mm) under ``kind``."""
     X = Y = None
     if dbg_sd is not None:
         X, Y = fr.coords((slice(0, fr.size), slice(0, fr.size)))
 
-    def paint(shape, hu, kind=None):
+    def paint(shape, hu, kind=None, edge=0.0):
         win = fr.window(shape.bbox)
         if win is None:
             return
         x, y = fr.coords(win)
-        c = fr.cover(shape.sd(x, y))
+        c = fr.cover(shape.sd(x, y), edge)
         sub = img[win]
         sub += c * (np.float32(hu) - sub)
         if dbg_sd is not None and kind is not None:
@@ -510,160 +807,211 @@ def _painter(fr: _Frame, img: np.ndarray, dbg_sd: dict | None):
     return paint
 
 
-def _background(an: _Anatomy, size: int, ps: float, debug: bool = False):
-    """Soft tissues of one patient (outline, skin, fat, bowel, kidneys, vessels, back muscles), drawn
-    once in the patient's base frame: neighbouring levels reuse them while the vertebra moves."""
+def _background(an: _Anatomy, size: int, ps: float, rng_tex: np.random.Generator | None = None, debug: bool = False):
+    """Soft tissues of one patient (body wall, organs, bowel, vessels, muscles, ribs or iliac wings)
+    drawn once in the patient's base frame: its neighbouring slices reuse them while the vertebra
+    moves. Soft tissues get a faint low-frequency texture (organ parenchyma, fat strands)."""
     fr = _Frame(size, ps, an.offset, an.theta, an.scale)
     img = np.full((size, size), -1000.0, dtype=np.float32)
     dbg_sd = {} if debug else None
     paint = _painter(fr, img, dbg_sd)
-    bx, by, W, H = an.body_outline
-    paint(_ellipse(bx, by, W, H), 30.0)  # skin: 2 mm of soft tissue
-    paint(_ellipse(bx, by, W - 2.0, H - 2.0), an.fat_hu, "fat")
-    for shape, hu, kind in an.soft:
-        paint(shape, hu, kind)
+    for shape, hu, kind, edge in an.soft:
+        paint(shape, hu, kind, edge)
+    if rng_tex is not None:
+        tex = _field(rng_tex, (size, size), ps, "low", 0.15)
+        img += np.float32(3.0) * tex * (img > -200)
     return img, dbg_sd
 
 
-def _render(p: _Patient, an: _Anatomy, k: int, size: int, rng: np.random.Generator, debug: bool = False):
+def _render(p: _Patient, an: _Anatomy, k: int, size: int, rng: np.random.Generator, debug: bool = False,
+            bank: np.ndarray | None = None):
     """Render slice ``k`` of patient ``p``: returns (hu int16, stats dict[, debug dict])."""
     ps = p.pixel_spacing
-    # small level-to-level changes: position, rotation, size, psoas, density
-    off = (an.offset[0] + rng.normal(0, 0.8), an.offset[1] + rng.normal(0, 0.8))
-    theta = an.theta + math.radians(rng.normal(0, 0.5))
-    scale = an.scale * (1.0 + 0.015 * k + rng.normal(0, 0.01))
-    psoas_f = an.psoas * (1.0 + 0.05 * k)
-    dens_k = p.density * (1.0 + rng.normal(0, 0.03))
+    step = max(p.slice_thickness, 3.0)
+    zmm = an.z_start + k * step  # below the upper endplate
+    zr = zmm / an.height
+    hz = 0.5 * p.slice_thickness / an.height
+    # neighbouring slices of one series: the spine barely moves (a little lordosis)
+    off = (an.offset[0] + rng.normal(0, 0.2), an.offset[1] + 0.15 * k + rng.normal(0, 0.2))
+    theta = an.theta + math.radians(rng.normal(0, 0.2))
+    scale = an.scale * (1.0 + rng.normal(0, 0.004))
+    dens_k = p.density * (1.0 + rng.normal(0, 0.02))
     fr = _Frame(size, ps, off, theta, scale)
     if an.background is None or an.background[0] != size:
-        an.background = (size, _background(an, size, ps)[0])
+        an.background = (size, _background(an, size, ps, np.random.default_rng(int(rng.integers(2 ** 62))))[0])
     img = an.background[1].copy()
     dbg_sd = None
     if debug:
         dbg_sd = _background(an, size, ps, debug=True)[1]
     paint = _painter(fr, img, dbg_sd)
-    post, psoas = _bone_shapes(an, psoas_f)
-    for sh in psoas:
-        paint(sh, an.muscle_hu + (4.0 if p.contrast else 0.0) + rng.normal(0, 1.0), "muscle")
 
     # ---- vertebra: canal, posterior elements, body (one window) -------------------------------
     a, b = an.a, an.b
-    yp = b - an.concave_depth
-    canal = _ellipse(0.0, yp + 9.0, 11.5, 8.5)
-    dura = _ellipse(0.0, yp + 8.5, 8.5, 6.5)
-    paint(canal, an.fat_hu + 10.0, "canal")
-    paint(dura, an.csf_hu, "canal")
-    vb = _union_bbox(post + [_ellipse(0, 0, a, b)])
+    ep = _z_overlap(zr, hz, 0.0, 0.04) + _z_overlap(zr, hz, 0.96, 1.0)  # endplate in the slice
+    ring = 1.0 + 0.05 * (_z_overlap(zr, hz, 0.0, 0.1) + _z_overlap(zr, hz, 0.9, 1.0))  # ring apophysis
+    a, b = a * ring, b * ring
+    yp = an.b - an.concave_depth
+    lateral = 1.0 if LEVELS.index(an.level) >= 2 else 0.0  # trefoil canal at L3-L5
+    canal_parts = [_ellipse(0.0, yp + 9.0, 11.5, 8.5)]
+    if lateral:
+        canal_parts += [_ellipse(s * 8.5, yp + 5.0, 4.5, 3.0, s * 0.4) for s in (-1, 1)]
+    for cp in canal_parts:
+        paint(cp, an.fat_hu + 10.0, "canal", 0.8)
+    paint(_ellipse(0.0, yp + 8.5, 8.5, 6.5), an.csf_hu, "canal", 0.8)
+    post = _bone_shapes(an, zr, hz)
+    vb = _union_bbox([sh for sh, _ in post] + [_ellipse(0, 0, a, b)])
     win = fr.window(vb)
     x, y = fr.coords(win)
     d_body = np.maximum(_sd_ellipse(x, y, 0.0, 0.0, a, b),
                         -_sd_circle(x, y, 0.0, b - an.concave_depth + an.concave_r, an.concave_r))
-    d_post = np.minimum.reduce([sh.sd(x, y) for sh in post])
-    d_post = np.maximum(d_post, -(canal.sd(x, y) - 0.5))
-    d_bone = np.minimum(d_body, d_post)
-    d_in = np.minimum(d_body + an.t_body, d_post + an.t_post)
-    c_bone, c_in = fr.cover(d_bone), fr.cover(d_in)
-    c_body_in = fr.cover(d_body + an.t_body)
+    # cortical shell: thickness varies around the body (and the endplate adds bone)
+    ang = np.arctan2(y, x)
+    a1, p1, a2, p2 = an.t_harm
+    t_loc = np.float32(an.t_body) * (1.0 + a1 * np.cos(ang - p1) + a2 * np.cos(2 * ang - p2)).astype(np.float32)
+    c_body = fr.cover(d_body)
+    c_body_in = fr.cover(d_body + t_loc)
+    d_canal = np.minimum.reduce([cp.sd(x, y) for cp in canal_parts])
+    c_post = np.zeros_like(c_body)
+    c_post_in = np.zeros_like(c_body)
+    for sh, alpha in post:
+        d = np.maximum(sh.sd(x, y), -(d_canal - 0.5))
+        np.maximum(c_post, np.float32(alpha) * fr.cover(d), out=c_post)
+        np.maximum(c_post_in, np.float32(alpha) * fr.cover(d + an.t_post), out=c_post_in)
 
     # trabecular texture, on a fixed-size window around the body, at _UP x the pixel resolution
     kb = _KVP_BONE[p.kvp]
     marrow = an.marrow_hu
     bvtv = float(np.clip(an.bvtv * dens_k / p.density, 0.02, 0.45))
     post_val = marrow + 1.1 * bvtv * (an.tissue_hu - marrow)
+    tex, frac, bv_parts = _texture(p, an, rng, bvtv, step)
     bw = fr.centred_window(an.tex_half)
-    h, w = bw[0].stop - bw[0].start, bw[1].stop - bw[1].start
-    keep = min(1.0, bvtv / _BASE_BVTV)
-    eps = _inv_norm(0.5 + 0.5 * bvtv / keep)
-    hi = (_UP * h, _UP * w)
-    net = np.abs(_field(rng, hi, ps / _UP, "band", an.f0)) < eps
-    net &= _field(rng, hi, ps / _UP, "low", _GAP_F) > _inv_norm(1.0 - keep)
-    frac = net.reshape(h, _UP, w, _UP).mean(axis=(1, 3), dtype=np.float32)
-    kz = math.sqrt(_Z_CORR / (_Z_CORR + p.slice_thickness))  # a slice averages ~thk/_Z_CORR layers along z
-    frac = np.float32(bvtv) + (frac - np.float32(bvtv)) * np.float32(kz)
-    # fatty marrow is patchy: a smooth field (~3-5 mm blobs) whose amplitude grows with the fat fraction
-    patches = np.abs(_field(rng, (h, w), ps, "low", 0.12)) - np.float32(math.sqrt(2 / math.pi))
-    marrow_map = np.float32(marrow) - np.float32(_MARROW_PATCH_HU * an.fat_fraction) * patches
-    tex = marrow_map + frac * (np.float32(an.tissue_hu) - marrow_map)
-    # fat-replaced pockets: excursions of a smooth field (anti-aliased over ~1 pixel), partial volume along z
-    pf = _field(rng, (h, w), ps, "low", _POCKET_F)
-    ell = math.sqrt(2.0) / (2.0 * math.pi * _POCKET_F)  # correlation length of the field (mm)
-    thr = np.float32(_inv_norm(1.0 - an.pocket_phi))
-    pw = np.clip((pf - thr) * np.float32(ell / ps) + np.float32(0.5), 0.0, 1.0)
-    kzp = math.sqrt(_POCKET_Z / (_POCKET_Z + p.slice_thickness))
-    pw = pw * np.float32(kzp) + np.float32(an.pocket_phi * (1.0 - kzp))
-    trab = np.full(c_in.shape, post_val, dtype=np.float32)
-    fr_t = np.full(c_in.shape, np.nan, dtype=np.float32)
-    pk = np.zeros(c_in.shape, dtype=np.float32)
+    trab = np.full(c_body.shape, post_val, dtype=np.float32)
+    fr_t = np.full(c_body.shape, bvtv, dtype=np.float32)
     r0, r1 = max(bw[0].start, win[0].start), min(bw[0].stop, win[0].stop)
     q0, q1 = max(bw[1].start, win[1].start), min(bw[1].stop, win[1].stop)
-    dst = (slice(r0 - win[0].start, r1 - win[0].start), slice(q0 - win[1].start, q1 - win[1].start))
-    src = (slice(r0 - bw[0].start, r1 - bw[0].start), slice(q0 - bw[1].start, q1 - bw[1].start))
-    trab[dst] = tex[src]
-    fr_t[dst] = frac[src]
-    pk[dst] = pw[src]
+    if r1 > r0 and q1 > q0:
+        dst = (slice(r0 - win[0].start, r1 - win[0].start), slice(q0 - win[1].start, q1 - win[1].start))
+        src = (slice(r0 - bw[0].start, r1 - bw[0].start), slice(q0 - bw[1].start, q1 - bw[1].start))
+        trab[dst] = tex[src]
+        fr_t[dst] = frac[src]
     # noise-free truth inside the trabecular mask (pixels fully inside the shell, off the vein)
+    vein_a = _z_overlap(zr, hz, 0.3, 0.7)
     d_vein = _sd_capsule(x, y, 0.0, yp - 9.0, 0.0, yp + 0.8, an.vein_r)
-    trab_mask = (c_body_in >= 1.0) & (d_vein * scale > ps)
-    # equal mean HU: the bone outside the pockets gains what the pockets lose, exactly over the mask
-    pm = pk[trab_mask]
-    loss = float((pm * (trab[trab_mask] - np.float32(an.pocket_hu))).sum())
-    delta = np.float32(loss / max(float((1.0 - pm).sum()), 1e-6))
-    trab = (1.0 - pk) * (trab + delta) + pk * np.float32(an.pocket_hu)
-    p_bone = (an.pocket_hu - an.fat_hu) / (an.tissue_hu - an.fat_hu)  # rough BV/TV of a pocket
-    fr_t = (1.0 - pk) * (fr_t + delta / np.float32(an.tissue_hu - marrow)) + pk * np.float32(p_bone)
+    trab_mask = (c_body_in >= 1.0) & ((d_vein * scale > ps) | (vein_a < 0.02))
+    # equal mean HU: shift the bone fraction so the mask's mean is exactly that of the density model
+    if trab_mask.any():
+        shift = np.float32(bvtv - float(fr_t[trab_mask].mean()))
+        mar = (trab - fr_t * np.float32(an.tissue_hu)) / np.maximum(1.0 - fr_t, 1e-3)  # marrow under each pixel
+        fr_t = np.clip(fr_t + shift, 0.0, 1.0)
+        trab = mar + fr_t * (np.float32(an.tissue_hu) - mar)
+    # the endplate: a plate of dense bone in part of the slice
     interior = c_body_in * trab + (1.0 - c_body_in) * np.float32(post_val)
     cortex = np.float32(_BONE_TISSUE_HU * kb)
+    if ep > 0:
+        interior = interior + np.float32(0.5 * ep) * (cortex * np.float32(0.6) - interior)
     sub = img[win]
-    vert = sub * (1.0 - c_bone) + (c_bone - c_in) * cortex + c_in * interior
-    # basivertebral vein: a channel through the posterior cortex into the body
-    c_vein = np.minimum(fr.cover(d_vein), c_bone)
-    vert += c_vein * (np.float32(an.blood_hu) - vert)
+    c_bone = np.maximum(c_body, c_post)
+    c_in = np.maximum(c_body_in, c_post_in)
+    inside_val = np.where(c_body_in >= c_post_in, interior, np.float32(post_val))
+    vert = sub * (1.0 - c_bone) + (c_bone - c_in) * cortex + c_in * inside_val
+    # basivertebral vein: a channel through the posterior cortex into the body (mid-height slices)
+    if vein_a > 0.02:
+        c_vein = np.minimum(fr.cover(d_vein), c_bone) * np.float32(vein_a)
+        vert += c_vein * (np.float32(an.blood_hu) - vert)
     img[win] = vert
 
     if debug:
-        cort_mask = (np.abs(d_body + 0.5 * an.t_body) * scale < 0.5 * ps) & (y < -0.3 * b)
-    trabecular_hu = float(vert[trab_mask].mean())
+        cort_mask = (np.abs(d_body + 0.5 * t_loc) * scale < 0.5 * ps) & (y < -0.3 * b)
+    trabecular_hu = float(vert[trab_mask].mean()) if trab_mask.any() else float("nan")
     # a clinician's ROI: an ellipse in the anterior-central body, off the cortex and the vein
     roi = (_sd_ellipse(x, y, 0.0, -0.15 * b, 0.6 * a, 0.55 * b) < 0) & trab_mask
     if not roi.any():  # tiny crops
         roi = trab_mask
 
-    # ---- scanner: PSF blur + slightly correlated noise, edge-padded, one inverse FFT -------------
+    # ---- scanner: PSF blur (edge-padded FFT), then noise from a filtered back-projection -----------
     P = _PAD
     padded = np.pad(img, P, mode="edge")
     shp = padded.shape
     obj = np.fft.rfft2(padded)
     obj *= _amplitude(shp, float(ps), "psf", float(p.psf_sigma))
-    nspec = _spectrum(rng, shp, ps, "nps")
-    nspec *= np.float32(p.noise_sd)
-    final = np.fft.irfft2(obj + nspec, s=shp)[P:-P, P:-P]
+    blurred = np.fft.irfft2(obj, s=shp)[P:-P, P:-P]
+    if bank is None:
+        bank = noise_bank(bank_size(size))
+    noise = noise_patch(rng, (size, size), bank) * np.float32(p.noise_sd)
+    final = blurred + noise
     hu = np.clip(np.rint(final), -1024, 3071).astype(np.int16)
     hu_win = hu[win].astype(np.float32)
     stats = dict(trabecular_hu=trabecular_hu, roi_hu=float(hu_win[roi].mean()), roi_sd=float(hu_win[roi].std()),
-                 bv_tv=float(np.nanmean(fr_t[trab_mask])), marrow_hu=float(marrow),
-                 micro_score=an.micro, pocket_frac=float(pm.mean()) if pm.size else 0.0)
+                 bv_tv=float(np.mean(fr_t[trab_mask])) if trab_mask.any() else float("nan"),
+                 marrow_hu=float(marrow), micro_score=an.micro, h_share=bv_parts,
+                 z_in_vertebra=zr, section=_section(zr))
     if not debug:
         return hu, stats
-    blurred = np.fft.irfft2(obj, s=shp)[P:-P, P:-P]
-    noise = np.fft.irfft2(nspec, s=shp)[P:-P, P:-P]
     # masks of "pure" regions, at least 2-3 mm from any other structure (for tests and figures)
     later = lambda kinds: np.minimum.reduce([d for kd in kinds for d in dbg_sd.get(kd, [])]
                                             + [np.full((size, size), 1e9, np.float32)])
     bone_full = np.full((size, size), 1e9, np.float32)
-    bone_full[win] = d_bone * scale
-    others = np.minimum(later(["bowel", "gas", "kidney", "vessel", "calcification", "muscle", "canal"]), bone_full)
-    fat_mask = (dbg_sd["fat"][0] < -3.0) & (others > 3.0)
-    muscle_mask = (later(["muscle"]) < -2.0) & (np.minimum(later(["canal"]), bone_full) > 2.0)
+    bone_full[win] = np.minimum(d_body, np.where(c_post > 0, -1.0, 1e9)) * scale
+    organs = ["bowel", "gas", "kidney", "vessel", "calcification", "muscle", "canal", "liver", "spleen",
+              "pancreas", "bone"]
+    others = np.minimum(later(organs), bone_full)
+    fat_mask = (later(["vfat"]) < -3.0) & (np.minimum(others, later(["wall"])) > 4.0)  # visceral and retroperitoneal fat
+    if "fat" in dbg_sd:  # subcutaneous fat: inside its outline, outside the wall muscles
+        fat_mask |= (later(["fat"]) < -3.0) & (later(["wall"]) > 3.0)
+    muscle_mask = (later(["muscle"]) < -2.0) & (np.minimum(later([o for o in organs if o != "muscle"]),
+                                                           bone_full) > 2.0)
+    organ_masks = {}
+    for kd in ("liver", "spleen", "kidney"):
+        if kd in dbg_sd:
+            organ_masks[kd] = (later([kd]) < -3.0) & (np.minimum(later([o for o in organs if o != kd]), bone_full) > 3.0)
     tm = np.zeros((size, size), bool)
     tm[win] = trab_mask
     rm = np.zeros((size, size), bool)
     rm[win] = roi
     cm = np.zeros((size, size), bool)
     cm[win] = cort_mask
-    pkm = np.zeros((size, size), np.float32)
-    pkm[win] = pk * c_body_in
+    vm = np.zeros((size, size), bool)
+    vm[win] = c_bone > 0
     return hu, stats, dict(phantom=img, blurred=blurred, noise=noise, fat=fat_mask, muscle=muscle_mask,
-                           trabecular=tm, roi=rm, cortex=cm, pockets=pkm)
+                           trabecular=tm, roi=rm, cortex=cm, vertebra=vm, texture=tex, organs=organ_masks)
+
+
+def _texture(p: _Patient, an: _Anatomy, rng: np.random.Generator, bvtv: float, step: float):
+    """Trabecular bone of one slice on the patient's fixed texture window: (HU, bone fraction, share
+    of the bone in horizontal trabeculae).
+
+    Vertical trabeculae cross an axial slice as rods: spots of a band-pass field, continuous along z
+    (an AR(1) process from slice to slice, correlation length ``_ROD_Z``). Horizontal trabeculae lie in
+    the slice as a network of lines (the zero set of another band-pass field, thinned by a smooth
+    field), new in every slice and averaged over its thickness. Bone loss removes horizontal
+    trabeculae first (``h_share`` falls), makes the pattern coarser (lower ``f0``) and the marrow
+    fattier and patchier (a smooth field, also continuous along z)."""
+    h, w = 2 * an.tex_half[0], 2 * an.tex_half[1]
+    ps = p.pixel_spacing
+    hi = (_UP * h, _UP * w)
+    hps = ps / _UP
+    thk = p.slice_thickness
+    hs = an.h_share
+    bv_v, bv_h = bvtv * (1 - hs), bvtv * hs
+    an.rod_spec, V = _ar_field(rng, an.rod_spec, hi, hps, "band", an.f0, math.exp(-step / _ROD_Z))
+    rods = V > _inv_norm(1.0 - min(bv_v * 1.6, 0.6))  # spots; the 1.6 leaves room for the partial volume below
+    keep = min(1.0, 0.35 + 2.5 * bv_h)  # how much of the horizontal network survives
+    eps = _inv_norm(0.5 + 0.5 * min(bv_h * 1.6 / keep, 0.9))
+    lines = np.abs(_field(rng, hi, hps, "band", 1.15 * an.f0)) < eps
+    lines &= _field(rng, hi, hps, "low", 0.35) > _inv_norm(1.0 - keep)
+    fv = rods.reshape(h, _UP, w, _UP).mean(axis=(1, 3), dtype=np.float32)
+    fh = lines.reshape(h, _UP, w, _UP).mean(axis=(1, 3), dtype=np.float32)
+    # trabeculae (0.1-0.3 mm) are far thinner than a voxel: a pixel sees a partial volume of them
+    kv = _ROD_PV * math.sqrt(_V_Z / (_V_Z + thk))
+    kh = _ROD_PV * math.sqrt(_H_Z / (_H_Z + thk))
+    fv = np.float32(bv_v) + (fv - fv.mean()) * np.float32(kv)
+    fh = np.float32(bv_h) + (fh - fh.mean()) * np.float32(kh)
+    frac = np.clip(fv + fh, 0.0, 1.0)
+    an.marrow_spec, patches = _ar_field(rng, an.marrow_spec, (h, w), ps, "low", 0.12, math.exp(-step / _MARROW_Z))
+    patches = np.abs(patches) - np.float32(math.sqrt(2 / math.pi))
+    marrow_map = np.float32(an.marrow_hu) - np.float32(_MARROW_PATCH_HU * an.fat_fraction) * patches
+    tex = marrow_map + frac * (np.float32(an.tissue_hu) - marrow_map)
+    return tex, frac, hs
 
 
 # ---- DICOM -------------------------------------------------------------------------------------
@@ -840,13 +1188,15 @@ def _rngs(seed: int, p: _Patient):
 
 def _patient_rows(job) -> list[dict]:
     """Render and write every slice of one patient; return its manifest rows (runs in a worker)."""
-    p, seed, size, out = job
+    p, seed, size, out, conf = job
+    p = _with_sex(p, conf)
     rng_a, rng_s = _rngs(seed, p)
-    an = _anatomy(p, rng_a)
+    an = _anatomy(p, rng_a, conf)
     writer = _SeriesWriter(p, an, seed, size)
+    bank = noise_bank(bank_size(size))
     rows = []
     for k in range(p.n_slices):
-        hu, st = _render(p, an, k, size, rng_s)
+        hu, st = _render(p, an, k, size, rng_s, bank=bank)
         rel = f"{p.label}/{p.patient_id}_{k}.dcm"
         (out / rel).write_bytes(writer.slice_bytes(hu, k))
         rows.append(dict(
@@ -855,13 +1205,18 @@ def _patient_rows(job) -> list[dict]:
             pixel_spacing=p.pixel_spacing, slice_thickness=p.slice_thickness, age=p.age, sex=p.sex,
             roi_hu=round(st["roi_hu"], 2), roi_sd=round(st["roi_sd"], 2), bv_tv=round(st["bv_tv"], 4),
             marrow_hu=round(st["marrow_hu"], 2), psf_sigma=p.psf_sigma, slice_index=k,
-            micro_score=round(st["micro_score"], 3), pocket_frac=round(st["pocket_frac"], 4),
+            micro_score=round(st["micro_score"], 3), h_share=round(st["h_share"], 4),
+            level=an.level, section=st["section"], z_in_vertebra=round(st["z_in_vertebra"], 3),
+            confounders=_confounder_label(conf), body_fat_fraction=round(an.body_fat, 4),
+            subcutaneous_fat_mm=round(an.sub_fat, 1), psoas_cm2=an.psoas_cm2, muscle_hu=round(an.muscle_hu, 1),
+            cortex_mm=round(an.t_body, 3), aortic_calcium=an.calcium, synthetic_version=SYNTHETIC_VERSION,
         ))
     return rows
 
 
 def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0, slices_per_patient: int = 5,
-               progress: bool = True, overwrite: bool = False, workers: int = 1) -> pd.DataFrame:
+               progress: bool = True, overwrite: bool = False, workers: int = 1,
+               confounders=True) -> pd.DataFrame:
     """Write the synthetic lumbar CT set as DICOM (``out_dir/<label>/<patient>_<k>.dcm``) and
     ``out_dir/manifest.csv``; return the manifest.
 
@@ -870,7 +1225,9 @@ def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0,
     (byte-identical files, whatever ``workers``). The manifest is written last (temporary file +
     rename), so an interrupted run leaves no manifest pointing at missing files. An existing manifest
     is an error unless ``overwrite=True``, which first removes the old manifest and the files it
-    lists. ``workers > 1`` renders patients in that many forked processes (Linux/macOS; the same
+    lists. ``confounders``: ``True`` (all of :data:`CONFOUNDERS`), ``False`` (none) or some of their
+    names: each ties one thing outside the trabecular bone to the label (module docstring); the
+    labels, densities and T-scores are the same either way. ``workers > 1`` renders patients in that many forked processes (Linux/macOS; the same
     bytes, since every patient has its own seeds); one process makes the default 4500 slices of
     256 x 256 in ~30-40 s on a 2-core machine.
     """
@@ -881,6 +1238,7 @@ def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0,
     out = Path(out_dir)
     man = out / "manifest.csv"
     patients = _cohort(n_per_class, seed, slices_per_patient)  # validates the counts first
+    conf = _confounder_set(confounders)
     if man.exists():
         if not overwrite:
             raise SyntheticError(f"{man} already exists: pass overwrite=True to replace this data set "
@@ -900,7 +1258,8 @@ def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0,
     workers = int(workers)
     if workers > 1 and "fork" not in mp.get_all_start_methods():
         workers = 1  # no fork (Windows): one process
-    jobs = [(p, seed, size, out) for p in patients]
+    noise_bank(bank_size(size))  # made (or read from its cache) once, before any worker starts
+    jobs = [(p, seed, size, out, conf) for p in patients]
     rows = []
     with tqdm(total=3 * n_per_class, desc="synthetic CT", unit="slice", disable=not progress) as bar:
         if workers <= 1:
@@ -927,12 +1286,13 @@ def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0,
 
 
 def debug_slice(patient_id: str, k: int = 0, n_per_class: int = 1500, size: int = 256, seed: int = 0,
-                slices_per_patient: int = 5) -> dict:
+                slices_per_patient: int = 5, confounders=True) -> dict:
     """Re-render one slice of ``synthesize(..., n_per_class, size, seed, slices_per_patient)`` with its
     ground truth: ``hu`` (as in the file), ``phantom`` (noise-free, before blur), ``blurred``, ``noise``,
     masks ``fat``, ``muscle``, ``trabecular`` (the mask of ``trabecular_hu``), ``roi`` (of ``roi_hu``),
-    ``pockets`` (the fat-pocket weight, 0-1, of the microarchitecture model) and ``stats``. For tests
-    and figures."""
+    ``vertebra`` (bone of the vertebra, for masking it out), ``texture`` (the noise-free trabecular
+    pattern on the patient's fixed texture window), ``organs`` (masks of liver, spleen, kidney where
+    present), ``anatomy`` and ``stats``. For tests and figures."""
     for p in _cohort(n_per_class, seed, slices_per_patient):
         if p.patient_id == patient_id:
             break
@@ -941,12 +1301,23 @@ def debug_slice(patient_id: str, k: int = 0, n_per_class: int = 1500, size: int 
                        f"n_per_class {n_per_class})")
     if not 0 <= k < p.n_slices:
         raise KeyError(f"debug_slice: patient {patient_id} has {p.n_slices} slices, not slice {k}")
+    conf = _confounder_set(confounders)
+    p = _with_sex(p, conf)
     rng_a, rng_s = _rngs(seed, p)
-    an = _anatomy(p, rng_a)
+    an = _anatomy(p, rng_a, conf)
     for j in range(k):  # advance the slice generator exactly as synthesize does
         _render(p, an, j, size, rng_s)
     hu, stats, dbg = _render(p, an, k, size, rng_s, debug=True)
-    return dict(hu=hu, stats=stats, **dbg)
+    return dict(hu=hu, stats=stats, anatomy=an, **dbg)
+
+
+def version_note(version: str) -> str:
+    """"" for results made with the current generator, else a one-line warning to show with them."""
+    if str(version) == SYNTHETIC_VERSION:
+        return ""
+    made = f"version {version}" if version else "a generator older than version labels"
+    return (f"made with synthetic data of {made}, not the current {SYNTHETIC_VERSION}: "
+            f"re-run before comparing with newer results")
 
 
 def threshold_rule(train_df: pd.DataFrame, test_df: pd.DataFrame, column: str = "trabecular_hu",

@@ -122,6 +122,7 @@ class TrainResult:
     data: str = ""
     versions: dict = field(default_factory=dict)
     engine: str = ""
+    synthetic_version: str = ""  # the synthetic generator's version ("" for real data or a result made before versions)
 
     @property
     def accuracy(self) -> float:
@@ -541,6 +542,7 @@ def train(
         engine=str(engine),
         data=data.describe(),
         versions=_versions(),
+        synthetic_version=getattr(data, "synthetic_version", ""),
     )
     if result_path is not None:
         result.to_json(result_path)
