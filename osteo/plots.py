@@ -408,3 +408,77 @@ def setup_summary(exp) -> str:
         f"data: {data_label(exp)}; results: {shown_path(exp.out)}",
         f"torch {torch.__version__}; training device: {where}",
     ])
+
+
+def _noise_residual(hu: np.ndarray, sigma_px: float = 3.0) -> np.ndarray:
+    """The image minus a Gaussian-smoothed copy, inside soft tissue (-200..300 HU): a rough noise
+    estimate computed the same way for real and synthetic slices."""
+    from scipy.ndimage import gaussian_filter
+
+    hu = np.asarray(hu, dtype=np.float64)
+    res = hu - gaussian_filter(hu, sigma_px)
+    inside = gaussian_filter(((hu > -200) & (hu < 300)).astype(float), sigma_px) > 0.99
+    return np.where(inside, res, 0.0)
+
+
+def synthetic_vs_real(synthetic_dir, levels=("L1", "L3", "L5")) -> Figure:
+    """Synthetic slices (``synthetic_dir``: the set's folder or its manifest) at ``levels`` beside the two real CT slices the kit can read (pydicom's
+    ``CT_small.dcm`` and pydicom-data's ``explicit_VR-UN.dcm``), in the two windows of Eq. (1), with
+    their HU histograms and noise power spectra (of the image minus a smoothed copy, in soft tissue)."""
+    import pandas as pd
+    from pydicom.data import get_testdata_file
+
+    from .ct_noise import radial_nps
+    from .dicom import read_hu
+
+    d = Path(synthetic_dir)
+    if d.is_file():  # the manifest itself
+        d = d.parent
+    man = pd.read_csv(d / "manifest.csv")
+    if "level" not in man.columns:
+        raise ValueError(f"{d / 'manifest.csv'}: made by an older generator (no 'level' column): make it again")
+    cols = []
+    for lev in levels:
+        rows = man[man["level"] == lev]
+        if rows.empty:
+            raise ValueError(f"{d / 'manifest.csv'}: no slice at level {lev}")
+        r = rows.iloc[len(rows) // 2]
+        hu, meta = read_hu(d / r["path"])
+        cols.append((f"synthetic {lev} ({r['label']})", hu, float(meta["pixel_spacing"][0]), True))
+    for name in ("CT_small.dcm", "explicit_VR-UN.dcm"):
+        path = get_testdata_file(name)
+        if path is None:
+            raise FileNotFoundError(f"{name}: not found (explicit_VR-UN.dcm comes with `pip install pydicom-data`)")
+        hu, meta = read_hu(path)
+        cols.append((f"real {name}", hu, float(meta["pixel_spacing"][0]), False))
+    fig, axes = _grid(3, len(cols), w=2.8, h=2.8)
+    for c, (title, hu, ps, _) in enumerate(cols):
+        for r, w in enumerate(("s", "t")):
+            ax = axes[r, c]
+            ax.imshow(window(hu, VIEW_HU_MIN[w]), cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(VIEW_NAME[w], fontsize=8)
+    for ax in axes[2, 2:]:
+        ax.remove()
+    hx, nx = axes[2, 0], axes[2, 1]
+    for i, (title, hu, ps, syn) in enumerate(cols):
+        style = "-" if syn else "--"
+        v = np.asarray(hu, dtype=np.float64).ravel()
+        v = v[(v > -300) & (v < 400)]
+        hx.hist(v, bins=70, range=(-300, 400), density=True, histtype="step", ls=style, color=_colour(i),
+                label=title)
+        f, p = radial_nps(_noise_residual(hu), ps)
+        peak = f[int(np.argmax(p))]
+        nx.plot(f, p / p.max(), style, color=_colour(i), label=f"{title.split(' (')[0]}: peak {peak:.2f}")
+    hx.set_xlabel("HU (soft tissue and bone)", fontsize=8)
+    hx.set_title("HU histograms", fontsize=8)
+    nx.set_xlabel("cycles/mm", fontsize=8)
+    nx.set_title("noise power (normalised)", fontsize=8)
+    nx.set_xlim(0, 0.8)
+    nx.legend(fontsize=6, loc="upper right")
+    hx.legend(fontsize=6, loc="upper left")
+    fig.suptitle("Synthetic slices (solid) beside two real CT slices (dashed)", fontsize=10)
+    return fig

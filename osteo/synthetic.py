@@ -944,7 +944,7 @@ def _render(p: _Patient, an: _Anatomy, k: int, size: int, rng: np.random.Generat
     stats = dict(trabecular_hu=trabecular_hu, roi_hu=float(hu_win[roi].mean()), roi_sd=float(hu_win[roi].std()),
                  bv_tv=float(np.mean(fr_t[trab_mask])) if trab_mask.any() else float("nan"),
                  marrow_hu=float(marrow), micro_score=an.micro, h_share=bv_parts,
-                 z_in_vertebra=zr, section=_section(zr))
+                 z_in_vertebra=zr, section=_section(zr), vertebra_window=(win, c_bone > 0.05))
     if not debug:
         return hu, stats
     # masks of "pure" regions, at least 2-3 mm from any other structure (for tests and figures)
