@@ -427,3 +427,18 @@ def test_two_loaders_filling_the_same_cache_do_not_collide(small, monkeypatch, t
     monkeypatch.setattr(D.os, "replace", real_replace)
     again = D.load_data(out / "manifest.csv", image_size=32, cache_dir=cache, progress=False)  # from the cache
     assert torch.equal(again.test.hu, data.test.hu)
+
+
+def test_figure_synthetic_beside_real_slices(small):
+    from osteo.plots import synthetic_vs_real
+
+    out, df = small
+    levels = tuple(sorted(set(df["level"]) & {"L1", "L3", "L5"}))
+    assert levels
+    fig = synthetic_vs_real(out / "manifest.csv", levels=levels)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert sum(t.startswith("synthetic") for t in titles) == len(levels)
+    assert "real CT_small.dcm" in titles and "real explicit_VR-UN.dcm" in titles
+    assert "noise power (normalised)" in titles and "HU histograms" in titles
+    with pytest.raises(ValueError, match="no slice at level"):
+        synthetic_vs_real(out, levels=("L9",))
