@@ -5,15 +5,23 @@ care below, all of it ours:
 
 * HU = stored value * RescaleSlope + RescaleIntercept, in float64, returned as float32. For
   enhanced CT the rescale comes from the per-frame, else the shared, functional groups
-  (PixelValueTransformationSequence). Without any rescale tags a file is accepted only when its
-  Modality is CT and its stored values already look like HU: signed, and the lowest value that is
-  not padding lies in [-1100, 0) (every body slice holds fat or air below 0 HU; data stored
-  unsigned from 0 do not). Anything else is refused: the rescale is missing.
+  (PixelValueTransformationSequence). A rescale tag that is present must hold exactly one finite
+  decimal number written as DICOM writes it (``-1024``, ``0.5``, ``1e3``): a value with a letter,
+  a decimal comma, two values, NaN/inf or nothing at all is refused, never replaced by a default,
+  and so is a slope of 0.
+* A missing rescale tag is taken as its identity value (slope 1, intercept 0) only when the HU
+  that this gives look like HU: the lowest value that is not padding lies in [-1100, 0) (every
+  body slice holds fat or air below 0 HU; data stored unsigned from 0, which need an intercept of
+  about -1024, do not). This one rule covers both tags missing and one of them missing; anything
+  else is refused and the message says which tag to add. ``meta["rescale_source"]`` says what was
+  assumed.
+* Before anything is allocated, every length field is checked against the file's size: a header
+  declaring an element longer than the whole file is refused as damaged (no 4 GB allocation).
 * PixelPaddingValue (and PixelPaddingRangeLimit) are compared with the *stored* values, before
   the rescale; those pixels become -1024 HU (air) and are counted in ``meta["padding_masked"]``.
 * Compressed transfer syntaxes decode through pydicom's decoders (JPEG 2000 via
-  pylibjpeg-openjpeg, installed with osteo); when no decoder is installed for a syntax, the error
-  names the package to install.
+  pylibjpeg-openjpeg and JPEG / JPEG Lossless via pylibjpeg-libjpeg, both installed with osteo);
+  when no decoder is installed for a syntax, the error names the package to install.
 * A file without the File Meta header (no "DICM" preamble) is read with ``force=True`` if what
   follows is a valid dataset; its transfer syntax is taken from the encoding pydicom detected
   (implicit VR little endian if it cannot tell) and ``meta["file_meta"]`` records it.
@@ -108,6 +116,60 @@ class _Reader:
         return DicomError(self.name, scrub(problem, self.identifiers))
 
 
+class _LengthTooLarge(Exception):
+    """An element length field larger than the whole file (raised before anything is allocated)."""
+
+    def __init__(self, asked: int, offset: int, size: int):
+        super().__init__(asked, offset, size)
+        self.asked, self.offset, self.size = asked, offset, size
+
+
+class _BoundedFile:
+    """A read-only binary file for pydicom that refuses, before allocating, to read more bytes
+    than the whole file holds: a damaged length field (e.g. 0xFFFFFFF0 = 4 GB) in a 1 kB file
+    raises :class:`_LengthTooLarge` instead of a 4 GB allocation. Reads that merely run past the
+    end (a truncated file) are left to pydicom, which reports them."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "rb")
+        self.name = str(path)
+        self.size = os.fstat(self._f.fileno()).st_size
+
+    def read(self, n: int = -1) -> bytes:
+        # pydicom's own fixed reads (128-byte preamble, 8-byte tags) may exceed a tiny file: only a
+        # read longer than those that is also longer than the file comes from a length field.
+        if n is not None and n > self.size and n > 256:
+            raise _LengthTooLarge(int(n), self._f.tell(), self.size)
+        return self._f.read(n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _dcmread(path: Path, r: _Reader, **kw):
+    """``pydicom.dcmread`` through :class:`_BoundedFile`; a too-large length is a DicomError."""
+    try:
+        with _BoundedFile(path) as fh:
+            return pydicom.dcmread(fh, **kw)
+    except _LengthTooLarge as e:
+        raise r.error(
+            f"damaged header: an element at byte {e.offset} declares a length of {e.asked} bytes, "
+            f"more than the whole file ({e.size} bytes); refused before reading it"
+        ) from None
+
+
 def _open(path: Path, r: _Reader):
     """dcmread with the checks that come before it; returns (dataset, note about the file meta)."""
     try:
@@ -122,7 +184,9 @@ def _open(path: Path, r: _Reader):
         raise r.error("empty file (0 bytes), not a DICOM file")
     note = "ok"
     try:
-        ds = pydicom.dcmread(path)
+        ds = _dcmread(path, r)
+    except DicomError:
+        raise
     except InvalidDicomError:
         ds = None
     except PermissionError as e:
@@ -133,7 +197,11 @@ def _open(path: Path, r: _Reader):
         try:
             with warnings.catch_warnings():  # pydicom warns about every odd "element" of a non-DICOM file
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, force=True)
+                ds = _dcmread(path, r, force=True)
+        except DicomError as e:
+            if _looks_like_header_start(path):
+                raise
+            raise r.error("not a DICOM file (no DICM preamble and no valid dataset)") from e
         except Exception as e:
             raise r.error("not a DICOM file (no DICM preamble and no valid dataset)", e) from e
         if not _looks_like_dataset(ds):
@@ -154,6 +222,14 @@ def _open(path: Path, r: _Reader):
         ds.file_meta.TransferSyntaxUID = uid
         note = f"{note if note == 'missing' else 'no transfer syntax'}: assumed {uid.name}"
     return ds, note
+
+
+def _looks_like_header_start(path: Path) -> bool:
+    """True if a file without the DICM preamble starts like a dataset: a group 0x0002 or 0x0008
+    tag (little endian), as the headers of preamble-less DICOM files do; random bytes rarely do."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return len(head) == 4 and head[1] == 0 and head[0] in (0x02, 0x08)
 
 
 def _looks_like_dataset(ds) -> bool:
@@ -186,6 +262,53 @@ def _attr(ds, frame: int, seq: str, keyword: str):
         return item.get(keyword), "functional groups"
     val = ds.get(keyword)
     return (val, "tags") if val is not None else (None, None)
+
+
+def _rescale_elem(ds, frame: int, keyword: str, r: _Reader):
+    """(present, value, source) of a rescale tag: the functional groups' item first (enhanced CT),
+    else the top level. ``present`` is True for a tag that is there even with an empty value."""
+    item = _fg_item(ds, frame, "PixelValueTransformationSequence")
+    for where, holder in (("functional groups", item), ("tags", ds)):
+        if holder is not None and keyword in holder:
+            try:
+                return True, holder[keyword].value, where
+            except Exception as e:  # pydicom could not convert the stored bytes
+                raise r.error(f"{keyword} cannot be read as a number", e) from e
+    return False, None, None
+
+
+# A DICOM decimal string (PS3.5 6.2, DS): optional sign, digits with an optional point, optional
+# exponent; blanks around it are allowed. No decimal comma, no "_", no nan/inf words.
+_DS_RE = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+
+
+def _rescale_number(value, keyword: str, r: _Reader) -> float:
+    """The one finite number a present rescale tag must hold; anything else is a DicomError that
+    names the tag and shows its value (never replaced by a default)."""
+    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+        raise r.error(f"{keyword} is present but empty: expected one number")
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        shown = "\\".join(str(v) for v in value)
+        raise r.error(f"{keyword} holds {len(value)} values ({shown!r}): expected one number")
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise r.error(f"{keyword} {value[:32]!r} is not a number") from None
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, str):
+        text = getattr(value, "original_string", None) or repr(float(value))
+    else:
+        text = str(value)
+    if isinstance(value, str) or getattr(value, "original_string", None) is not None:
+        if not _DS_RE.match(text):
+            hint = " (a decimal comma? DICOM writes a point)" if re.fullmatch(r"\s*[+-]?\d+,\d+\s*", text) else ""
+            raise r.error(f"{keyword} {text.strip()!r} is not a number{hint}")
+    number = float(text) if isinstance(value, str) else float(value)
+    if not np.isfinite(number):
+        raise r.error(f"{keyword} {text.strip()!r} is not a finite number")
+    if keyword == "RescaleSlope" and number == 0:
+        raise r.error("RescaleSlope is 0: every pixel would get the same HU")
+    return number
 
 
 def _float_or_none(v):
@@ -366,30 +489,8 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
     pad = _padding_mask(ds, stored)
     n_pad = int(pad.sum()) if pad is not None else 0
 
-    slope, src_s = _attr(ds, idx, "PixelValueTransformationSequence", "RescaleSlope")
-    icpt, src_i = _attr(ds, idx, "PixelValueTransformationSequence", "RescaleIntercept")
+    slope, icpt, rescale_source = _rescale(ds, idx, stored, pad, r)
     rtype, _ = _attr(ds, idx, "PixelValueTransformationSequence", "RescaleType")
-    slope, icpt = _float_or_none(slope), _float_or_none(icpt)
-    if slope is None and icpt is None:
-        values = stored[~pad] if pad is not None else stored
-        lo = int(values.min()) if values.size else 0
-        hi = int(values.max()) if values.size else 0
-        if -1100 <= lo < 0:
-            slope, icpt, rescale_source = 1.0, 0.0, "absent: values taken as HU"
-        else:
-            raise r.error(
-                "RescaleSlope/RescaleIntercept missing, and the stored values "
-                f"(min {lo}, max {hi}) do not look like HU (expected a signed minimum in [-1100, 0)): "
-                "add the rescale tags"
-            )
-    else:
-        if slope is None:
-            slope = 1.0
-        if icpt is None:
-            icpt = 0.0
-        if not np.isfinite(slope) or slope == 0 or not np.isfinite(icpt):
-            raise r.error(f"invalid rescale: slope {slope}, intercept {icpt}")
-        rescale_source = src_s or src_i
 
     hu = stored.astype(np.float64) * slope + icpt
     if pad is not None:
@@ -445,6 +546,34 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
         "tilt_deg": tilt,
     }
     return hu, meta
+
+
+def _rescale(ds, idx: int, stored: np.ndarray, pad, r: _Reader):
+    """(slope, intercept, source) of one frame; see the module docstring for the rules."""
+    has_s, raw_s, src_s = _rescale_elem(ds, idx, "RescaleSlope", r)
+    has_i, raw_i, _ = _rescale_elem(ds, idx, "RescaleIntercept", r)
+    slope = _rescale_number(raw_s, "RescaleSlope", r) if has_s else None
+    icpt = _rescale_number(raw_i, "RescaleIntercept", r) if has_i else None
+    if has_s and has_i:
+        return slope, icpt, src_s
+    missing = [k for k, has in (("RescaleSlope", has_s), ("RescaleIntercept", has_i)) if not has]
+    slope = 1.0 if slope is None else slope
+    icpt = 0.0 if icpt is None else icpt
+    values = stored[~pad] if pad is not None else stored
+    lo = float(values.min()) * slope + icpt if values.size else 0.0
+    hi = float(values.max()) * slope + icpt if values.size else 0.0
+    lo, hi = min(lo, hi), max(lo, hi)
+    assumed = " and ".join(f"{k} {1 if k == 'RescaleSlope' else 0}" for k in missing)
+    if -1100 <= lo < 0:
+        if len(missing) == 2:
+            return slope, icpt, "absent: values taken as HU"
+        return slope, icpt, f"{missing[0]} absent: {assumed} assumed (values look like HU)"
+    present = [f"{k} {v:g}" for k, v, has in (("RescaleSlope", slope, has_s), ("RescaleIntercept", icpt, has_i)) if has]
+    given = f" ({', '.join(present)} present)" if present else ""
+    raise r.error(
+        f"{'/'.join(missing)} missing{given}, and with {assumed} the values (min {lo:g}, max {hi:g}) "
+        f"do not look like HU (expected a lowest value in [-1100, 0)): add the missing rescale tag"
+    )
 
 
 def _is_candidate(p: Path) -> bool:

@@ -391,3 +391,213 @@ def test_iter_dicom_files(tmp_path):
     assert got == ["1.2.840.10008.99", "a.dcm", "b/2.dcm", "b/c.DCM", "noext"]
     with pytest.raises(DicomError, match="no such folder"):
         iter_dicom_files(tmp_path / "missing")
+
+
+# --- rescale tags that cannot be parsed are refused, never replaced --------------------------------
+
+import struct  # noqa: E402
+
+
+def write_raw_value(ds: Dataset, path: Path, keyword: str, raw: bytes, implicit: bool = False) -> Path:
+    """Save ``ds`` with the value bytes of ``keyword`` replaced by ``raw`` exactly as given (pydicom
+    refuses to write most malformed decimal strings itself). Inside sequence items (written with
+    defined lengths) ``raw`` is padded with blanks to the placeholder's length, so no length changes."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    placeholder = "-987654.25"  # a value no test dataset holds otherwise
+    if keyword in ds:
+        setattr(ds, keyword, placeholder)
+    else:
+        assert len(raw) <= len(placeholder)
+        raw = raw.ljust(len(placeholder))
+        for seq_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            for fg in ds.get(seq_kw, []):
+                for item in fg.get("PixelValueTransformationSequence", []):
+                    if keyword in item:
+                        setattr(item, keyword, placeholder)
+    if implicit:
+        del ds.file_meta
+        pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        head = struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(placeholder))
+        new = struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(raw) + len(raw) % 2)
+    else:
+        ds.save_as(path, enforce_file_format=True)
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"DS" + struct.pack("<H", len(placeholder))
+        new = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"DS" + struct.pack("<H", len(raw) + len(raw) % 2)
+    data = path.read_bytes()
+    old = head + placeholder.encode()
+    assert data.count(old) >= 1, "placeholder not found"
+    path.write_bytes(data.replace(old, new + raw + (b" " if len(raw) % 2 else b"")))
+    return path
+
+
+BAD_NUMBERS = [
+    (b"-1O24.5", "not a number"),  # letter O for a zero
+    (b"2,5", "decimal comma"),
+    (b"-1024,0", "decimal comma"),
+    (b"1_000", "not a number"),  # Python's float() would take it
+    (b"abc", "not a number"),
+    (b"0x10", "not a number"),
+    (b"1.2.3", "not a number"),
+    (b"--5", "not a number"),
+    (b"1024-", "not a number"),
+    (b"nan", "not a number"),
+    (b"NaN", "not a number"),
+    (b"inf", "not a number"),
+    (b"-Infinity", "not a number"),
+    (b"1e999", "not a finite number"),
+    (b"2\\3", "holds 2 values"),
+    (b"-1024\\0\\1", "holds 3 values"),
+    (b"\\", "holds 2 values"),
+    (b"", "present but empty"),
+    (b"  ", "present but empty"),
+]
+
+
+@pytest.mark.parametrize("keyword", ["RescaleIntercept", "RescaleSlope"])
+@pytest.mark.parametrize("raw,why", BAD_NUMBERS, ids=[b.decode() or "empty" for b, _ in BAD_NUMBERS])
+def test_unparsable_rescale_value_is_refused_naming_tag_and_value(tmp_path, keyword, raw, why):
+    path = write_raw_value(make_ct(slope=1.0, intercept=-1024.0), tmp_path / "bad.dcm", keyword, raw)
+    msg = expect_error(path, keyword, why)
+    if raw.strip() and b"\\" not in raw:
+        assert raw.decode() in msg  # the value as written, so the user can find it
+
+
+@pytest.mark.parametrize("raw,why", [(b"-1O24.5", "not a number"), (b"2\\3", "holds 2 values"), (b"nan", "not a number")])
+def test_unparsable_rescale_refused_in_implicit_vr_files_too(tmp_path, raw, why):
+    path = write_raw_value(make_ct(slope=1.0, intercept=-1024.0), tmp_path / "impl", "RescaleIntercept", raw, implicit=True)
+    expect_error(path, "RescaleIntercept", why)
+
+
+def test_unparsable_rescale_refused_in_functional_groups(tmp_path):
+    ds = _enhanced([RAW], shared_rescale=(2.0, -1000.0))
+    expect_error(write_raw_value(ds, tmp_path / "enh.dcm", "RescaleSlope", b"2,5"), "RescaleSlope", "'2,5'", "decimal comma")
+    ds = _enhanced([RAW], shared_rescale=(2.0, -1000.0))
+    expect_error(write_raw_value(ds, tmp_path / "enh2.dcm", "RescaleIntercept", b"-1O00"), "RescaleIntercept", "'-1O00'")
+
+
+@pytest.mark.parametrize("raw", [b"0", b"0.0", b"-0", b"+0e5", b"0.000"])
+def test_zero_slope_refused(tmp_path, raw):
+    expect_error(write_raw_value(make_ct(), tmp_path / "zero.dcm", "RescaleSlope", raw), "RescaleSlope is 0")
+
+
+@pytest.mark.parametrize("raw,value", [(b" -1024 ", -1024.0), (b"-1024", -1024.0), (b"+1.024E3", 1024.0),
+                                       (b"-.5", -0.5), (b"-1024.", -1024.0), (b"-1e3", -1000.0), (b"-1024.25", -1024.25)])
+def test_every_dicom_decimal_form_is_read_exactly(tmp_path, raw, value):
+    path = write_raw_value(make_ct(slope=1.0, intercept=-1024.0), tmp_path / "ok.dcm", "RescaleIntercept", raw)
+    hu, meta = read_hu(path)
+    assert meta["rescale_intercept"] == value
+    np.testing.assert_array_equal(hu, (RAW.astype(np.float64) + value).astype(np.float32))
+
+
+# stored values as a scanner writes them: 0 and up, meant for an intercept of -1024
+OFFSET_CODES = (RAW.astype(np.int32) + 1024).astype(np.uint16)
+
+
+@pytest.mark.parametrize("slope", [1.0, 0.5, 2.0])
+def test_missing_intercept_with_slope_refused_on_offset_codes(tmp_path, slope):
+    ds = make_ct(OFFSET_CODES, slope=slope, intercept=None, signed=False)
+    msg = expect_error(save(ds, tmp_path / "noicpt.dcm"), "RescaleIntercept missing", f"RescaleSlope {slope:g} present",
+                       "do not look like HU", "add the missing rescale tag")
+    assert "RescaleSlope/" not in msg  # only the missing one is named
+
+
+def test_missing_intercept_with_slope_accepted_when_values_look_like_hu(tmp_path):
+    hu, meta = read_hu(save(make_ct(slope=1.0, intercept=None), tmp_path / "hu.dcm"))
+    np.testing.assert_array_equal(hu, RAW.astype(np.float32))
+    assert meta["rescale_source"] == "RescaleIntercept absent: RescaleIntercept 0 assumed (values look like HU)"
+    # a slope that turns the stored values into HU-like values is applied
+    hu, meta = read_hu(save(make_ct(RAW * 2, slope=0.5, intercept=None), tmp_path / "half.dcm"))
+    np.testing.assert_array_equal(hu, RAW.astype(np.float32))
+
+
+def test_missing_slope_with_intercept_goes_through_the_same_check(tmp_path):
+    hu, meta = read_hu(save(make_ct(OFFSET_CODES, slope=None, intercept=-1024.0, signed=False), tmp_path / "a.dcm"))
+    np.testing.assert_array_equal(hu, (OFFSET_CODES.astype(np.float64) - 1024).astype(np.float32))
+    assert meta["rescale_source"].startswith("RescaleSlope absent")
+    # intercept present but the values still start at 0: refused
+    expect_error(save(make_ct(OFFSET_CODES, slope=None, intercept=0.0, signed=False), tmp_path / "b.dcm"),
+                 "RescaleSlope missing", "RescaleIntercept 0 present", "min 0")
+    # lowest HU far below air: refused too
+    expect_error(save(make_ct(OFFSET_CODES, slope=None, intercept=-3000.0, signed=False), tmp_path / "c.dcm"),
+                 "RescaleSlope missing", "min -3000")
+
+
+# --- length fields larger than the file ----------------------------------------------------------
+
+
+def _peak_alloc_mb(fn) -> float:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak / 2**20
+
+
+def _set_length(path: Path, marker: bytes, fmt: str, value: int) -> None:
+    data = bytearray(path.read_bytes())
+    i = data.index(marker) + len(marker)
+    struct.pack_into(fmt, data, i, value)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("length", [0xFFFFFFF0, 0x7FFFFFFF, 50_000_000])
+@pytest.mark.parametrize("where", ["pixel data", "file meta OB", "implicit text element", "explicit UT element"])
+def test_length_field_larger_than_the_file_refused_before_allocating(tmp_path, where, length):
+    path = tmp_path / "huge.dcm"
+    if where == "pixel data":
+        save(make_ct(), path)
+        _set_length(path, b"\xe0\x7f\x10\x00OW\x00\x00", "<I", length)
+    elif where == "file meta OB":
+        save(make_ct(), path)
+        _set_length(path, b"\x02\x00\x01\x00OB\x00\x00", "<I", length)
+    elif where == "implicit text element":
+        ds = make_ct(slope=1.0, intercept=-1024.0)
+        del ds.file_meta
+        pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        _set_length(path, b"\x08\x00\x60\x00", "<I", length)  # Modality
+    else:
+        ds = make_ct()
+        ds.add_new(0x00081030 + 0, "LO", "study")  # padding element before a UT one
+        ds.add_new(0x00204000, "LT", "x")
+        ds.add_new(0x00189004, "CS", "CLINICAL")
+        ds.add_new(0x0040A160, "UT", "report text")
+        save(ds, path)
+        _set_length(path, b"\x40\x00\x60\xa1UT\x00\x00", "<I", length)
+    size = path.stat().st_size
+    holder = {}
+
+    def read():
+        with pytest.raises(DicomError) as ei:
+            read_hu(path)
+        holder["msg"] = str(ei.value)
+
+    peak = _peak_alloc_mb(read)
+    msg = holder["msg"]
+    assert path.name in msg and f"declares a length of {length} bytes" in msg and f"whole file ({size} bytes)" in msg, msg
+    assert "MemoryError" not in msg
+    assert peak < 20, f"{peak:.0f} MB allocated while refusing the file"
+
+
+# --- JPEG Lossless decodes out of the box ----------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:The value length")  # the file's own over-long SH value
+def test_jpeg_lossless_real_ct_slice_decodes_with_the_default_install():
+    path = data_file("bad_sequence.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == JPEGLosslessSV1 and ds.Modality == "CT"
+    hu, meta = read_hu(path)
+    assert "JPEG Lossless" in meta["transfer_syntax"]
+    assert hu.shape == (512, 512) and meta["flipped"] == ()
+    expected = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_array_equal(hu, expected.astype(np.float32))
+    # HU of a body slice: air near -1000, bone above +300 (the decoder gives values, not noise)
+    assert -1100 < hu.min() < -900 and hu.max() > 300
+    from pydicom.pixels import get_decoder
+
+    assert get_decoder(JPEGLosslessSV1).is_available
+    assert "pylibjpeg" in get_decoder(JPEGLosslessSV1).available_plugins or "gdcm" in get_decoder(JPEGLosslessSV1).available_plugins
