@@ -7,6 +7,11 @@
     osteo report --profile P                                          rebuild results/P/REPORT.md
     osteo predict CHECKPOINT PATH... [--out predictions.csv --gradcam DIR]
     osteo bench [--image-size 224 --batch-size 128]                   training throughput table
+
+A mistake in the command or its input (a missing or damaged file, a foreign checkpoint, a bad
+option value) ends with one line ``osteo: error: <file>: <problem>`` on stderr and exit code 2;
+a Python traceback means a bug in osteo. ``--debug`` (anywhere on the line) shows the traceback
+of any error.
 """
 from __future__ import annotations
 
@@ -16,31 +21,94 @@ import sys
 import time
 from pathlib import Path
 
+class UserError(Exception):
+    """A mistake in the command line or its input: shown as one ``osteo: error:`` line."""
+
+
+def _user_error_types() -> tuple:
+    """The exceptions that report a user's mistake (each names its file), not a bug in osteo."""
+    from .dicom import DicomError
+    from .manifest import ManifestError
+    from .predict import PredictError
+    from .training import CheckpointError, DeviceError
+
+    types = [UserError, DicomError, ManifestError, CheckpointError, DeviceError, PredictError, OSError]
+    if "osteo.synthetic" in sys.modules:
+        types.append(sys.modules["osteo.synthetic"].SyntheticError)
+    return tuple(types)
+
+
+def _message(e: BaseException) -> str:
+    """The text after ``osteo: error:`` for a user error."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{os.fsdecode(e.filename)}: {e.strerror[:1].lower()}{e.strerror[1:]}"
+    else:
+        text = str(e).strip() or type(e).__name__
+    # the bytes of a non-UTF-8 file name as \xNN, so the message prints on any terminal
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _check_profile(name: str) -> None:
+    from .experiments import PROFILE_NAMES
+
+    if name not in (*PROFILE_NAMES, "auto"):
+        raise UserError(f"--profile {name!r}: unknown profile; choose one of {', '.join(PROFILE_NAMES)} or auto")
+
+
 NOTEBOOK_OF = {"table2": "03", "table3": "04", "table4": "05", "table5": "06", "fig3": "07", "fig4": "08"}
 
 
 def _cmd_synth(a) -> int:
     from .synthetic import synthesize
 
-    df = synthesize(a.out_dir, n_per_class=a.n_per_class, size=a.size, seed=a.seed,
-                    slices_per_patient=a.slices_per_patient, overwrite=a.overwrite)
+    out = Path(a.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{a.out_dir}: exists and is not a folder")
+    try:
+        df = synthesize(a.out_dir, n_per_class=a.n_per_class, size=a.size, seed=a.seed,
+                        slices_per_patient=a.slices_per_patient, overwrite=a.overwrite)
+    except ValueError as e:
+        if str(e).startswith("synthesize:"):  # the generator's checks of its arguments
+            raise UserError(str(e)) from None
+        raise
     print(f"wrote {len(df)} slices of {df['patient_id'].nunique()} patients to {a.out_dir}/manifest.csv")
     return 0
 
 
 def _cmd_train(a) -> int:
     from .data import load_data
-    from .training import TrainConfig, train
+    from .models import MODEL_NAMES
+    from .training import TrainConfig, resolve_device, train
 
-    cfg = TrainConfig(
-        model=a.model, inputs=tuple(a.inputs) if a.inputs else (("s", "t") if a.model == "twin" else ("t",)),
-        lam=a.lam, alpha=a.alpha, learn_alpha=not a.fixed_alpha, epochs=a.epochs, batch_size=a.batch_size,
-        lr=a.lr, image_size=a.image_size, pretrained={"true": True, "false": False}.get(a.pretrained, a.pretrained),
-        seed=a.seed, device=a.device,
-    )
+    if a.model not in ("twin", *MODEL_NAMES):
+        raise UserError(f"--model {a.model!r}: unknown model; choose twin or one of {', '.join(MODEL_NAMES)}")
+    for name in ("lr", "lam", "alpha"):
+        v = getattr(a, name)
+        if not v == v or v in (float("inf"), float("-inf")) or (name == "lr" and v <= 0):
+            raise UserError(f"--{name} {v}: must be a finite number{' > 0' if name == 'lr' else ''}")
+    if a.image_size < 16:
+        raise UserError(f"--image-size {a.image_size}: too small (at least 16 pixels)")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise UserError(f"{a.out}: --out exists and is not a folder")
+    try:
+        cfg = TrainConfig(
+            model=a.model, inputs=tuple(a.inputs) if a.inputs else (("s", "t") if a.model == "twin" else ("t",)),
+            lam=a.lam, alpha=a.alpha, learn_alpha=not a.fixed_alpha, epochs=a.epochs, batch_size=a.batch_size,
+            lr=a.lr, image_size=a.image_size, pretrained={"true": True, "false": False}.get(a.pretrained, a.pretrained),
+            seed=a.seed, device=a.device,
+        )
+    except (ValueError, NotImplementedError) as e:
+        raise UserError(str(e).replace("TrainConfig.", "--").replace("TrainConfig: ", "")) from None
+    resolve_device(cfg.device)
     data = load_data(a.manifest, image_size=cfg.image_size, seed=a.seed)
     print(data.describe())
-    res = train(cfg, data, out_dir=a.out)
+    try:
+        res = train(cfg, data, out_dir=a.out)
+    except ValueError as e:
+        # the network's own checks of its options (image size, ...), and an empty or 1-slice split
+        if str(e).startswith("osteo/models.py: ") or "training split" in str(e):
+            raise UserError(f"{a.manifest}: {str(e).removeprefix('osteo/models.py: ')}") from None
+        raise
     lo, hi = res.accuracy_ci95
     print(f"test accuracy {res.accuracy:.4f} (95 % CI {lo:.4f}-{hi:.4f}) on {res.test[res.main_head]['n']} slices; "
           f"ImageNet weights: {'yes' if res.pretrained_used else 'no'}; result in {a.out}/result.json")
@@ -57,6 +125,7 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
     from .experiments import cpu_warning, project_root, resolve_profile
     from .report import write_report
 
+    _check_profile(profile)
     prof = resolve_profile(profile)
     warning = cpu_warning(prof)
     if warning:
@@ -65,13 +134,15 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
     nb_dir = root / "notebooks"
     all_nbs = sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"))
     if not all_nbs:
-        print(f"error: no notebooks found in {nb_dir}", file=sys.stderr)
-        return 2
+        raise UserError(f"{nb_dir}: no notebooks found")
     wanted = set(notebooks or [])
+    for nb in wanted:
+        if not any(p.name[:2] == nb or p.stem == nb for p in all_nbs):
+            raise UserError(f"--notebooks {nb!r}: no such notebook in {nb_dir} "
+                            f"(numbers {', '.join(p.name[:2] for p in all_nbs)})")
     for t in tables or []:
         if t not in NOTEBOOK_OF:
-            print(f"error: unknown table {t!r}; choose from {', '.join(NOTEBOOK_OF)}", file=sys.stderr)
-            return 2
+            raise UserError(f"--tables {t!r}: unknown table; choose from {', '.join(NOTEBOOK_OF)}")
         wanted.add(NOTEBOOK_OF[t])
     if wanted:
         wanted.add("09")  # the report always follows
@@ -138,6 +209,7 @@ def _cmd_report(a) -> int:
     from .experiments import Experiments
     from .report import write_report
 
+    _check_profile(a.profile)
     exp = Experiments(a.profile, progress=False)
     print(write_report(exp.out))
     return 0
@@ -147,9 +219,9 @@ def _parse_worker(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise SystemExit(f"error: --worker {text!r}: write I/N, e.g. 2/3") from None
+        raise UserError(f"--worker {text!r}: write I/N, e.g. 2/3") from None
     if not 1 <= i <= n:
-        raise SystemExit(f"error: --worker {text!r}: need 1 <= I <= N")
+        raise UserError(f"--worker {text!r}: need 1 <= I <= N")
     return i - 1, n
 
 
@@ -157,6 +229,9 @@ def _cmd_grid(a) -> int:
     from .experiments import TABLES, Experiments, cpu_warning, describe
     from .report import write_report
 
+    _check_profile(a.profile)
+    if a.worker:
+        _parse_worker(a.worker)  # before anything is loaded
     exp = Experiments(a.profile, seeds=a.seeds, progress=not a.no_progress)
     warning = cpu_warning(exp.profile)
     if warning and not a.only_cached:
@@ -187,7 +262,8 @@ def _cmd_grid(a) -> int:
 def _cmd_predict(a) -> int:
     from .predict import predict_files
 
-    return predict_files(a.checkpoint, a.paths, out_csv=a.out, gradcam_dir=a.gradcam, device=a.device)
+    return predict_files(a.checkpoint, a.paths, out_csv=a.out, gradcam_dir=a.gradcam, device=a.device,
+                         allow_unfinished=a.allow_unfinished)
 
 
 def _cmd_bench(a) -> int:
@@ -198,7 +274,8 @@ def _cmd_bench(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="osteo", description="osteo-kit: reproduce Choi et al. 2021 (twin ResNet18+ACM).")
+    p = argparse.ArgumentParser(prog="osteo", description="osteo-kit: reproduce Choi et al. 2021 (twin ResNet18+ACM).",
+                                epilog="--debug (anywhere): show the Python traceback of any error")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("synth", help="write the synthetic CT DICOM data set")
@@ -255,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="predictions.csv")
     pr.add_argument("--gradcam", default=None, help="folder for one Grad-CAM PNG per slice")
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--allow-unfinished", action="store_true",
+                    help="predict with the checkpoint of a run stopped before its last epoch (with a warning)")
     pr.set_defaults(func=_cmd_predict)
 
     b = sub.add_parser("bench", help="training throughput vs plain ResNet18s (options: osteo bench --help)")
@@ -264,14 +343,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; a user's mistake ends as one ``osteo: error:`` line and exit code 2
+    (130 for Ctrl-C); with ``--debug`` every error shows its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # argparse's REMAINDER drops options that come first; bench parses its own
-        from .bench import main as bench_main
+    debug = "--debug" in argv
+    argv = [x for x in argv if x != "--debug"]
+    try:
+        if argv[:1] == ["bench"]:  # argparse's REMAINDER drops options that come first; bench parses its own
+            from .bench import main as bench_main
 
-        bench_main(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+            bench_main(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("osteo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or not isinstance(e, _user_error_types()):
+            raise
+        print(f"osteo: error: {_message(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .privacy import is_pseudonym, is_synthetic_id, pseudonymize
+from .privacy import SYNTHETIC_MARKER_TAGS, is_synthetic_dataset, pseudonymize
 
 __all__ = ["LABELS", "SPLITS", "ManifestError", "load_manifest", "split_patients", "check_split"]
 
@@ -37,6 +37,8 @@ class ManifestError(ValueError):
 def _raise_problems(source: str, problems: list[str]) -> None:
     if not problems:
         return
+    if len(problems) == 1:  # one line: "<manifest>: line N: <file>: <problem>"
+        raise ManifestError(f"{source}: {problems[0]}")
     shown = problems[:MAX_LISTED]
     more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
     raise ManifestError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more)
@@ -61,12 +63,13 @@ def load_manifest(path, check_files: bool = True, *, salt: str | None = None, ps
     * a CSV file ``path,label,patient_id[,split]``: relative paths are resolved against the CSV's
       folder; labels are case-insensitive; ``split`` is ``train``/``test`` on every row, or empty
       on every row (then the column is dropped: use :func:`split_patients`). Patient ids are used
-      as given (they should already be pseudonyms); ``pseudonymize_ids=True`` pseudonymises them
-      (ids that are synthetic ``SYN...`` or already ``P-...`` are kept);
+      as given (they should already be pseudonyms); ``pseudonymize_ids=True`` pseudonymises every
+      one of them (a CSV cannot prove an id synthetic);
     * a folder with one sub-folder per class, named by the label (case-insensitive): every DICOM
       file under a class folder (:func:`osteo.dicom.iter_dicom_files`) is a row, and its patient id
-      is read from the DICOM header and pseudonymised with ``salt`` (see :mod:`osteo.privacy`);
-      synthetic ``SYN...`` ids are kept. Hidden folders are ignored.
+      is read from the DICOM header and pseudonymised with ``salt`` (see :mod:`osteo.privacy`),
+      except in files the kit's synthetic generator wrote (:func:`osteo.privacy.is_synthetic_dataset`),
+      whose ``SYN...`` ids are kept. Hidden folders are ignored.
 
     Problems in a CSV are located by line (the header is line 1, one line per row).
     ``check_files`` also checks that every file exists. All problems (missing columns, unknown
@@ -120,9 +123,7 @@ def _load_csv(p: Path, salt, pseudonymize_ids: bool) -> pd.DataFrame:
         if (df["split"] == "").all():
             df = df.drop(columns=["split"])
     if pseudonymize_ids:
-        df["patient_id"] = [
-            v if (not v or is_synthetic_id(v) or is_pseudonym(v)) else pseudonymize(v, salt) for v in df["patient_id"]
-        ]
+        df["patient_id"] = [pseudonymize(v, salt) if v else v for v in df["patient_id"]]
     return df
 
 
@@ -162,7 +163,7 @@ def _load_folder(root: Path, salt) -> pd.DataFrame:
         for f in files:
             fp = Path(os.path.abspath(f)).as_posix()
             try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"], force=True)
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=SYNTHETIC_MARKER_TAGS, force=True)
                 raw = ds.get("PatientID")
             except Exception as e:
                 problems.append(f"{fp}: cannot read the DICOM header ({type(e).__name__})")
@@ -171,7 +172,7 @@ def _load_folder(root: Path, salt) -> pd.DataFrame:
             if not raw:
                 problems.append(f"{fp}: no PatientID in the DICOM header, or not a DICOM file (a patient id is needed for a patient-level split)")
                 continue
-            pid = raw if is_synthetic_id(raw) or is_pseudonym(raw) else pseudonymize(raw, salt)
+            pid = raw if is_synthetic_dataset(ds) else pseudonymize(raw, salt)
             rows.append({"path": fp, "label": lab, "patient_id": pid})
     _raise_problems(str(root), problems)
     return pd.DataFrame(rows, columns=["path", "label", "patient_id"])

@@ -10,8 +10,12 @@ train/test split computed from pseudonyms is reproducible on one installation; s
 (or pass ``salt``) to get the same pseudonyms -- hence the same splits -- on several machines. Keep
 the salt secret: with it, a known patient id can be checked against a pseudonym.
 
-Ids that are already pseudonymous -- the synthetic generator's ``"SYN..."`` ids, or our own
-``"P-"`` pseudonyms -- are kept as they are (:func:`is_synthetic_id`, :func:`is_pseudonym`).
+Every patient id read from a DICOM header is pseudonymised, except in files that
+:func:`is_synthetic_dataset` proves were written by the kit's synthetic generator: their
+``"SYN..."`` ids identify nobody and are kept, so synthetic splits are the same everywhere. An id
+that merely *looks* synthetic (a hospital id that happens to start with ``SYN``) or looks like one
+of our pseudonyms is pseudonymised like any other: the decision rests on what the generator writes
+into the file (Manufacturer, PatientName, PatientIdentityRemoved, UID root), never on the id alone.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ __all__ = [
     "dataset_identifiers",
     "get_salt",
     "is_pseudonym",
+    "is_synthetic_dataset",
     "is_synthetic_id",
     "pseudonymize",
     "salt_path",
@@ -78,6 +83,7 @@ IDENTIFYING_TAGS = [
 _MIN_IDENT_LEN = 3
 
 _PSEUDONYM_RE = re.compile(r"^P-[0-9a-f]{12}$")
+_SYNTHETIC_ID_RE = re.compile(r"^SYN[0-9]+$")
 
 
 def salt_path() -> Path:
@@ -111,8 +117,35 @@ def get_salt(salt: str | None = None) -> str:
 
 
 def is_synthetic_id(patient_id) -> bool:
-    """True for the synthetic generator's ids (``"SYN..."``): they identify nobody and are kept."""
-    return isinstance(patient_id, str) and patient_id.startswith("SYN")
+    """True for an id in the synthetic generator's format (``"SYN"`` + digits). The format alone
+    does not make an id safe to keep (a hospital id can start with SYN): see :func:`is_synthetic_dataset`."""
+    return isinstance(patient_id, str) and bool(_SYNTHETIC_ID_RE.match(patient_id))
+
+
+#: The Manufacturer the kit's synthetic generator writes into every file.
+SYNTHETIC_MANUFACTURER = "osteo-kit synthetic phantom"
+
+#: The DICOM tags :func:`is_synthetic_dataset` reads (pass them to ``dcmread(specific_tags=...)``).
+SYNTHETIC_MARKER_TAGS = ["PatientID", "PatientName", "Manufacturer", "PatientIdentityRemoved", "StudyInstanceUID"]
+
+
+def is_synthetic_dataset(ds) -> bool:
+    """True only for a file written by :func:`osteo.synthesize`: all at once, Manufacturer
+    ``"osteo-kit synthetic phantom"``, PatientIdentityRemoved ``YES``, PatientID ``"SYN"`` + digits,
+    PatientName ``"Synthetic^" + PatientID`` and a StudyInstanceUID in the UUID-derived root
+    ``2.25.`` the generator uses. A hospital file carries none of these by accident; its ids are
+    always pseudonymised. Never raises: an unreadable value gives False."""
+    try:
+        pid = str(ds.get("PatientID", "") or "").strip()
+        return (
+            str(ds.get("Manufacturer", "") or "").strip() == SYNTHETIC_MANUFACTURER
+            and str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES"
+            and is_synthetic_id(pid)
+            and str(ds.get("PatientName", "") or "").strip() == f"Synthetic^{pid}"
+            and str(ds.get("StudyInstanceUID", "") or "").startswith("2.25.")
+        )
+    except Exception:
+        return False
 
 
 def is_pseudonym(patient_id) -> bool:

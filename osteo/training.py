@@ -18,7 +18,9 @@ import json
 import math
 import os
 import platform
+import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,6 +82,10 @@ class TrainConfig:
         want = 2 if self.model == "twin" else 1
         if len(self.inputs) != want:
             raise ValueError(f"TrainConfig: model {self.model!r} reads {want} input(s), got inputs={self.inputs}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 2:
+            raise ValueError(f"TrainConfig.batch_size must be an integer >= 2 (batch norm needs 2 slices per batch), got {self.batch_size!r}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"TrainConfig.epochs must be an integer >= 1, got {self.epochs!r}")
         if self.pretrained not in (True, False, "auto"):
             raise ValueError(f"TrainConfig.pretrained must be True, False or 'auto', got {self.pretrained!r}")
         Engine.parse(self.engine, torch.device("cuda"))  # spelling only; the device is checked by train()
@@ -151,12 +157,33 @@ class TrainingInterrupted(RuntimeError):
     """Raised by ``train(..., stop_after_steps=N)``: simulates a run killed mid-epoch."""
 
 
+def epoch_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch of an epoch of ``n`` shuffled slices.
+
+    Batches hold ``batch_size`` slices, the last one what is left, except that a last batch of ONE
+    slice is folded into the one before (which then holds ``batch_size + 1``): batch norm cannot
+    train on a single slice, and this keeps every slice in every epoch, deterministically. So 9
+    slices in batches of 8 give one batch of 9; 17 give 8 + 9; 18 give 8 + 8 + 2.
+    """
+    bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+class DeviceError(RuntimeError):
+    """A device name torch does not know, or a CUDA device on a machine without one."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"device {device!r}: not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use device='auto' or 'cpu'")
+        raise DeviceError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use device='auto' or 'cpu'")
     return dev
 
 
@@ -279,8 +306,8 @@ class StepRunner:
     """Runs optimisation steps of one model with an :class:`Engine`; ``runner(hu, y) -> (output, terms)``.
 
     With ``compile``, window + forward + loss of a FULL batch (``cfg.batch_size`` slices) is one
-    ``torch.compile``d function with static shapes; any smaller batch (the last of an epoch: 3600
-    slices in batches of 128 leave 16) runs the same function eagerly on the same weights, so a run
+    ``torch.compile``d function with static shapes; any other batch (the last of an epoch: 3600
+    slices in batches of 128 leave 16; or ``batch_size + 1``, see :func:`epoch_batches`) runs the same function eagerly on the same weights, so a run
     compiles one shape only (each shape took 60-90 s on the H100). Backward and the optimiser stay
     eager. With ``graphs``, each compiled step starts a new CUDA-graph step, and outputs are read
     before the next.
@@ -358,33 +385,140 @@ def save_checkpoint(path, state: dict) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load an osteo checkpoint with ``weights_only=True``; refuse anything else with a clear error."""
+    """Load an osteo checkpoint with ``weights_only=True`` (tensors and plain data only: nothing in
+    the file is ever run); refuse anything else with a :class:`CheckpointError` naming the file.
+
+    Checked here: the file is a PyTorch archive holding a dict in our format with ``config`` (a
+    mapping), ``model`` (a mapping of tensors) and ``epoch`` (an integer). :func:`load_model`
+    checks the rest before it builds a network.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (a run folder holds checkpoint.pt)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes about pickle protocols in foreign files
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, foreign objects refused by weights_only
-        raise CheckpointError(f"{path}: not a loadable osteo checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise CheckpointError(f"{path}: {_load_problem(path, e)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an osteo checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     for k in ("config", "model", "epoch"):
         if k not in state:
             raise CheckpointError(f"{path}: osteo checkpoint lacks {k!r}; it is damaged")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path}: the stored config is a {type(state['config']).__name__}, not a mapping; "
+                              "the checkpoint is damaged")
+    if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise CheckpointError(f"{path}: the stored weights are not a mapping of tensors; the checkpoint is damaged")
+    if isinstance(state["epoch"], bool) or not isinstance(state["epoch"], int) or state["epoch"] < 0:
+        raise CheckpointError(f"{path}: the stored epoch {state['epoch']!r} is not a count; the checkpoint is damaged")
     return state
 
 
-def load_model(path, device="cpu") -> tuple[torch.nn.Module, TrainConfig]:
-    """Rebuild the trained network of a checkpoint (for prediction and Grad-CAM)."""
+def _load_problem(path: Path, e: Exception) -> str:
+    """Why torch.load failed, in our words: torch's own text is never passed on (it advises
+    re-running ``torch.load`` with ``weights_only=False``, which would run code from the file)."""
+    text = str(e)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m or (("Weights only load failed" in text or "WeightsUnpickler" in text) and head[:1] in (b"\x80", b"P")):
+        what = f"a pickled Python object ({m.group(1)})" if m else "pickled Python code or objects"
+        return (f"not a loadable osteo checkpoint: it holds {what}, not only tensors and plain data; "
+                "refused without running anything from it")
+    if head.startswith(b"PK"):
+        return "not a loadable osteo checkpoint: damaged or truncated (its zip archive cannot be read)"
+    return "not a loadable osteo checkpoint: not a PyTorch checkpoint file"
+
+
+def _config_problem(cfg: dict) -> str | None:
+    """What is wrong with a stored config mapping (None if nothing): unknown or ill-typed fields."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    bad_keys = [k for k in cfg if not isinstance(k, str)]
+    unknown = sorted(str(k) for k in cfg if k not in fields)
+    if bad_keys or unknown:
+        return f"the stored config has unknown field(s) {', '.join(unknown)}; not made by this version of osteo-kit, or damaged"
+    for name, value in cfg.items():
+        default = fields[name].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif isinstance(default, str) and name != "pretrained":
+            ok = isinstance(value, str)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        else:
+            ok = True
+        if not ok:
+            return f"the stored config field {name!r} is {value!r}, not a {type(default).__name__}; the checkpoint is damaged"
+    return None
+
+
+def checkpoint_config(state: dict, path) -> TrainConfig:
+    """The TrainConfig of a loaded checkpoint, after every check a prediction relies on: known
+    fields of the right types, a known model, the 3 classes of :data:`osteo.LABELS`, an epoch
+    within the run. Every failure is a :class:`CheckpointError` naming ``path``."""
+    from .models import MODEL_NAMES
+
+    cfg = state["config"]
+    problem = _config_problem(cfg)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    model = cfg.get("model", TrainConfig.model)
+    if model != "twin" and model not in MODEL_NAMES:
+        raise CheckpointError(f"{path}: the stored config names an unknown model {model!r} "
+                              f"(known: twin, {', '.join(MODEL_NAMES)}); not an osteo-kit model")
+    k = cfg.get("num_classes", TrainConfig.num_classes)
+    if k != len(LABELS):
+        raise CheckpointError(f"{path}: trained for {k} classes; osteo predicts {len(LABELS)} "
+                              f"({', '.join(LABELS)}): not a checkpoint for this task")
+    try:
+        config = TrainConfig.from_dict({**cfg, "pretrained": False})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: the stored config is invalid ({e})") from None
+    if state["epoch"] > config.epochs:
+        raise CheckpointError(f"{path}: the stored epoch {state['epoch']} exceeds the run's {config.epochs} epochs; "
+                              "the checkpoint is damaged")
+    return config
+
+
+def load_model(path, device="cpu", allow_unfinished: bool = False) -> tuple[torch.nn.Module, TrainConfig]:
+    """Rebuild the trained network of a checkpoint (for prediction and Grad-CAM).
+
+    The checkpoint is checked before use (:func:`load_checkpoint`, :func:`checkpoint_config`; the
+    weights must fit the network and be finite). The checkpoint of an unfinished run (saved after
+    epoch e < epochs: the run was stopped) is refused unless ``allow_unfinished=True``; then it
+    loads with a warning (:class:`UnfinishedRunWarning`). Every failure is a :class:`CheckpointError`.
+    """
     state = load_checkpoint(path)
-    cfg = TrainConfig.from_dict({**state["config"], "pretrained": False})
+    cfg = checkpoint_config(state, path)
+    epoch = state["epoch"]
+    if epoch < cfg.epochs:
+        note = f"{path}: unfinished training run (saved after epoch {epoch} of {cfg.epochs})"
+        if not allow_unfinished:
+            raise CheckpointError(f"{note}; finish it by running the same training again (it resumes), "
+                                  "or allow unfinished checkpoints (osteo predict --allow-unfinished) to use it as it is")
+        warnings.warn(f"{note}: its predictions are those of a partly trained network", UnfinishedRunWarning, stacklevel=2)
     model = make_model(cfg)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit a {cfg.model} network ({str(e).splitlines()[0]})") from e
+        raise CheckpointError(f"{path}: weights do not fit a {cfg.model} network ({str(e).splitlines()[0][:300]})") from None
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: the weights hold NaN or infinite values ({bad[0]}{' and more' if len(bad) > 1 else ''})")
     cfg = TrainConfig.from_dict(state["config"])
     return model.to(device).eval(), cfg
+
+
+class UnfinishedRunWarning(UserWarning):
+    """A checkpoint of a run stopped before its last epoch was loaded (``allow_unfinished=True``)."""
 
 
 def _rng_state(device) -> dict:
@@ -448,7 +582,11 @@ def train(
         state = load_checkpoint(ckpt_path)
         if state["config"] != cfg.to_dict():
             raise CheckpointError(f"{ckpt_path}: made with another config; remove the folder or pick another out_dir")
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{ckpt_path}: weights do not fit a {cfg.model} network "
+                                  f"({str(e).splitlines()[0][:300]}); remove the folder or pick another out_dir") from None
         history = json.loads(state["history"])
         start_epoch = int(state["epoch"])
         seconds = float(state.get("seconds", 0.0))
@@ -462,7 +600,10 @@ def train(
     n = len(train_set)
     if n == 0:
         raise ValueError("the training split is empty")
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    if n == 1:
+        raise ValueError("the training split holds 1 slice: batch norm needs at least 2 slices to train on")
+    batches = epoch_batches(n, cfg.batch_size)
+    steps_per_epoch = len(batches)
     amp = cfg.amp and device.type == "cuda"
     step_fn = engine.runner(model, cfg, opt, amp)
     bar = tqdm(
@@ -481,8 +622,8 @@ def train(
         order = torch.randperm(n, generator=gen).to(device)
         rows, correct = [], torch.zeros((), device=device)
         names = None
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        for step, (lo, hi) in enumerate(batches):
+            idx = order[lo:hi]
             hu, y = train_set.hu[idx], train_set.y[idx]
             out, terms = step_fn(hu, y)
             names = list(terms)

@@ -132,7 +132,8 @@ def test_csv_ids_pseudonymised_on_request(tmp_path):
     csv = tmp_path / "m.csv"
     csv.write_text("path,label,patient_id\na.dcm,normal,MRN55\nb.dcm,normal,SYN01\n")
     df = load_manifest(csv, check_files=False, pseudonymize_ids=True, salt="s")
-    assert df["patient_id"].tolist() == [pseudonymize("MRN55", "s"), "SYN01"]
+    # a CSV cannot prove an id synthetic: every id is pseudonymised on request
+    assert df["patient_id"].tolist() == [pseudonymize("MRN55", "s"), pseudonymize("SYN01", "s")]
 
 
 # --- folder layout ------------------------------------------------------------------------------
@@ -150,7 +151,8 @@ def test_folder_layout_pseudonymised(tmp_path):
     assert df["label"].tolist() == ["normal", "normal", "osteopenia", "osteoporosis"]
     assert df["y"].tolist() == [0, 0, 1, 2]
     h1, h2 = pseudonymize("HOSP-111", "pepper"), pseudonymize("HOSP-222", "pepper")
-    assert df["patient_id"].tolist() == [h1, h1, h2, "SYN0005"]
+    # a hospital file whose id starts with SYN is pseudonymised like any other
+    assert df["patient_id"].tolist() == [h1, h1, h2, pseudonymize("SYN0005", "pepper")]
     dump = df.to_csv()
     assert "HOSP-" not in dump and "Doe" not in dump
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in df["path"])
@@ -261,3 +263,65 @@ def test_synthetic_ids_and_scrub():
     text = "file of Jane Doe (DOE^JANE, mrn-42), study 7"
     assert scrub(text, idents) == "file of [redacted] ([redacted], [redacted]), study 7"
     assert scrub("nothing here", idents) == "nothing here"
+
+
+# --- synthetic ids are kept only for files the synthetic generator wrote -----------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_set(tmp_path_factory):
+    from osteo.synthetic import synthesize
+
+    root = tmp_path_factory.mktemp("syn")
+    df = synthesize(root, n_per_class=2, size=32, seed=5, slices_per_patient=1, progress=False)
+    return root, df
+
+
+def test_files_of_the_synthetic_generator_keep_their_ids(synthetic_set):
+    import pydicom
+
+    from osteo.privacy import is_synthetic_dataset
+
+    root, df = synthetic_set
+    loaded = load_manifest(root, salt="pepper")
+    assert sorted(loaded["patient_id"]) == sorted(df["patient_id"])
+    assert all(is_synthetic_id(p) for p in loaded["patient_id"])
+    assert all(is_synthetic_dataset(pydicom.dcmread(root / p)) for p in df["path"])
+
+
+@pytest.mark.parametrize("pid", ["SYN0005", "SYN12345", "SYN-12", "SYNTHIA01", "SYN", "P-000012345678", "P-abcdef012345"])
+def test_hospital_ids_that_look_synthetic_or_pseudonymous_are_pseudonymised(tmp_path, pid):
+    root = tmp_path / "data"
+    write_ct(root / "normal" / "a.dcm", pid)
+    write_ct(root / "osteopenia" / "b.dcm", "HOSP-1")
+    write_ct(root / "osteoporosis" / "c.dcm", "HOSP-2")
+    df = load_manifest(root, salt="pepper")
+    assert df["patient_id"].iloc[0] == pseudonymize(pid, "pepper") != pid
+    assert pid not in df.to_csv()
+
+
+@pytest.mark.parametrize("drop", ["Manufacturer", "PatientIdentityRemoved", "PatientName", "StudyInstanceUID", "PatientID"])
+def test_a_file_with_only_some_synthetic_markers_is_pseudonymised(synthetic_set, tmp_path, drop):
+    """Each marker is needed: a hospital file that shares the others (a SYN id, identity removed,
+    a 2.25 UID, even our Manufacturer) is still pseudonymised."""
+    import pydicom
+
+    from osteo.privacy import is_synthetic_dataset
+
+    root, df = synthetic_set
+    ds = pydicom.dcmread(root / df["path"].iloc[0])
+    assert is_synthetic_dataset(ds)
+    changed = {"Manufacturer": "SIEMENS", "PatientIdentityRemoved": "NO", "PatientName": "Doe^Jane",
+               "StudyInstanceUID": "1.2.840.113619.2.55.3.1", "PatientID": "SYN0001A"}[drop]
+    setattr(ds, drop, changed)
+    assert not is_synthetic_dataset(ds)
+    out = tmp_path / "data"
+    for i, lab in enumerate(("normal", "osteopenia", "osteoporosis")):
+        if lab == "normal":
+            p = out / lab / "x.dcm"
+            p.parent.mkdir(parents=True)
+            ds.save_as(p)
+        else:
+            write_ct(out / lab / f"{i}.dcm", f"HOSP-{i}")
+    got = load_manifest(out, salt="pepper")["patient_id"].iloc[0]
+    assert got == pseudonymize(str(ds.PatientID), "pepper")

@@ -91,12 +91,14 @@ def test_predict_all_good_exit_zero(hospital, tmp_path):
     assert [r["status"] for r in rows] == ["ok"] * 3 and rows[0]["alpha"] == ""
 
 
-def test_predict_refuses_a_foreign_checkpoint(tmp_path):
+def test_predict_refuses_a_foreign_checkpoint(tmp_path, capsys):
     import torch
 
     torch.save({"weights": torch.zeros(2)}, tmp_path / "x.pt")
-    with pytest.raises(CheckpointError, match="not an osteo checkpoint"):
-        osteo_main(["predict", str(tmp_path / "x.pt"), str(tmp_path)])
+    assert osteo_main(["predict", str(tmp_path / "x.pt"), str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"osteo: error: {tmp_path / 'x.pt'}: not an osteo checkpoint (expected format 'osteo-kit/1')\n"
+    with pytest.raises(CheckpointError, match="not an osteo checkpoint"):  # --debug: the exception itself
+        osteo_main(["predict", str(tmp_path / "x.pt"), str(tmp_path), "--debug"])
 
 
 @pytest.mark.parametrize("notebook", ["00_data", "02_train_twin", "08_gradcam"])

@@ -1,6 +1,7 @@
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,3 +127,70 @@ def test_config_validation():
         TrainConfig(pretrained="yes")
     assert TrainConfig().key() != TrainConfig(lam=0.0).key()
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+# --- a last batch of one slice ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,bs,sizes", [
+    (9, 8, [9]), (17, 8, [8, 9]), (33, 16, [16, 17]), (5, 4, [5]), (3, 2, [3]), (7, 2, [2, 2, 3]),
+    (18, 8, [8, 8, 2]), (16, 8, [8, 8]), (2, 8, [2]), (8, 8, [8]), (10, 3, [3, 3, 4]),
+])
+def test_epoch_batches_fold_a_lone_last_slice(n, bs, sizes):
+    b = T.epoch_batches(n, bs)
+    assert [hi - lo for lo, hi in b] == sizes
+    assert b[0][0] == 0 and b[-1][1] == n and all(b[i][1] == b[i + 1][0] for i in range(len(b) - 1))
+
+
+def _subset(data, n):
+    from osteo.data import SliceData, SliceSet
+
+    tr = data.train
+    keep = list(range(n))
+    return SliceData(SliceSet(tr.hu[keep], tr.y[keep], [tr.patient_id[i] for i in keep], [tr.path[i] for i in keep]),
+                     data.test, data.image_size, source="subset")
+
+
+@pytest.mark.parametrize("n,bs", [(9, 8), (17, 8), (5, 4), (3, 2), (13, 4)])
+def test_training_with_one_slice_left_over_trains_on_every_slice(separable, monkeypatch, n, bs):
+    assert n % bs == 1
+    seen = []
+    real = T.StepRunner.__call__
+
+    def spy(self, hu, y):
+        seen.append(int(hu.shape[0]))
+        return real(self, hu, y)
+
+    monkeypatch.setattr(T.StepRunner, "__call__", spy)
+    data = _subset(separable, n)
+    res = train(small(epochs=2, batch_size=bs), data, progress=False)
+    per_epoch = [hi - lo for lo, hi in T.epoch_batches(n, bs)]
+    assert seen == per_epoch * 2 and sum(per_epoch) == n and min(seen) >= 2
+    assert len(res.history) == 2 and all(np.isfinite(h["loss_total"]) for h in res.history)
+    # deterministic: the same run again gives the same history
+    again = train(small(epochs=2, batch_size=bs), data, progress=False)
+    assert again.history == res.history
+
+
+def test_one_slice_left_over_resumes_to_identical_weights(separable, tmp_path):
+    data = _subset(separable, 9)
+    cfg = small(epochs=3, batch_size=4)  # 9 = 4 + 5 per epoch
+    full = train(cfg, data, out_dir=tmp_path / "full", progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, data, out_dir=tmp_path / "cut", progress=False, stop_after_steps=3, checkpoint_every_s=0)
+    resumed = train(cfg, data, out_dir=tmp_path / "cut", progress=False)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.history == full.history
+
+
+def test_a_single_training_slice_or_batch_of_one_is_refused_up_front(separable):
+    with pytest.raises(ValueError, match="training split holds 1 slice"):
+        train(small(epochs=1, batch_size=8), _subset(separable, 1), progress=False)
+    for bad in (1, 0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 2"):
+            small(batch_size=bad)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
+            small(epochs=bad)

@@ -1,0 +1,255 @@
+"""Checkpoints are checked before use, and every command turns a user's mistake into one line
+``osteo: error: <file>: <problem>`` with a non-zero exit code (a traceback only with --debug)."""
+import csv
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from osteo.cli import main as osteo_main
+from osteo.training import CHECKPOINT_FORMAT, CheckpointError, TrainConfig, load_model, make_model
+from test_dicom import RAW, make_ct, save
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+_OWN = object()
+
+
+def make_checkpoint(path: Path, model="resnet18", epoch=None, epochs=2, config=_OWN, weights=None, **over) -> Path:
+    """A checkpoint in the kit's format around freshly built weights (no training needed)."""
+    inputs = ("s", "t") if model == "twin" else ("t",)
+    cfg = TrainConfig(model=model, inputs=inputs, epochs=epochs, batch_size=4, image_size=32, pretrained=False,
+                      device="cpu", **over)
+    torch.manual_seed(0)
+    state = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict() if config is _OWN else config,
+             "epoch": epochs if epoch is None else epoch,
+             "model": make_model(cfg).state_dict() if weights is None else weights,
+             "history": "[]", "seconds": 0.0, "pretrained_used": False}
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slices")
+    return [save(make_ct(RAW + k), d / f"s{k}.dcm") for k in range(3)]
+
+
+def run_cli(capsys, *argv):
+    rc = osteo_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, *needles):
+    assert rc == 2, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("osteo: error: "), err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    for banned in ("Traceback", "weights_only", "torch.load", "trusted source"):
+        assert banned not in err, err
+    return lines[0]
+
+
+# --- checkpoints of another model -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 10])
+@pytest.mark.parametrize("model", ["resnet18", "twin"])
+def test_checkpoint_with_another_class_count_is_refused(tmp_path, capsys, slices, k, model):
+    ck = make_checkpoint(tmp_path / f"c{k}.pt", model=model, num_classes=k)
+    with pytest.raises(CheckpointError, match=f"trained for {k} classes; osteo predicts 3"):
+        load_model(ck)
+    rc, out, err = run_cli(capsys, "predict", ck, *slices, "--out", tmp_path / "p.csv")
+    assert_one_line_error(rc, err, ck, f"trained for {k} classes")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_weights_of_another_head_size_are_refused(tmp_path, capsys, slices):
+    two = make_model(TrainConfig(model="resnet18", inputs=("t",), num_classes=2, pretrained=False)).state_dict()
+    ck = make_checkpoint(tmp_path / "mixed.pt", weights=two)  # config says 3 classes, weights have 2
+    rc, out, err = run_cli(capsys, "predict", ck, slices[0], "--out", tmp_path / "p.csv")
+    assert_one_line_error(rc, err, ck, "weights do not fit a resnet18 network")
+
+
+GOOD = TrainConfig(model="resnet18", inputs=("t",), epochs=2, batch_size=4, image_size=32, pretrained=False).to_dict()
+DAMAGED_CONFIGS = [
+    (["resnet18"], "not a mapping"),
+    ("resnet18", "not a mapping"),
+    (None, "not a mapping"),
+    (42, "not a mapping"),
+    ({**GOOD, "colour": "red"}, "unknown field(s) colour"),
+    ({**GOOD, 3: 1}, "unknown field(s) 3"),
+    ({**GOOD, "model": "resnet50"}, "unknown model 'resnet50'"),
+    ({**GOOD, "model": 7}, "field 'model' is 7"),
+    ({**GOOD, "image_size": "abc"}, "field 'image_size' is 'abc'"),
+    ({**GOOD, "lam": float("nan")}, "field 'lam'"),
+    ({**GOOD, "inputs": 5}, "field 'inputs' is 5"),
+    ({**GOOD, "inputs": ["x"]}, "unknown view"),
+    ({**GOOD, "inputs": ["s", "t"]}, "reads 1 input"),
+    ({**GOOD, "epochs": 0}, "epochs must be"),
+    ({**GOOD, "learn_alpha": "yes"}, "field 'learn_alpha'"),
+    ({**GOOD, "num_classes": "3"}, "field 'num_classes'"),
+]
+
+
+@pytest.mark.parametrize("config,why", DAMAGED_CONFIGS, ids=[w for _, w in DAMAGED_CONFIGS])
+def test_damaged_stored_config_is_refused_naming_the_file(tmp_path, capsys, slices, config, why):
+    ck = make_checkpoint(tmp_path / "damaged.pt", config=config)
+    with pytest.raises(CheckpointError) as ei:
+        load_model(ck)
+    assert str(ei.value).startswith(f"{ck}: ") and why in str(ei.value), str(ei.value)
+    rc, out, err = run_cli(capsys, "predict", ck, slices[0], "--out", tmp_path / "p.csv")
+    assert_one_line_error(rc, err, ck, why)
+
+
+@pytest.mark.parametrize("epoch,why", [("1", "not a count"), (-1, "not a count"), (True, "not a count"),
+                                       (3, "exceeds the run's 2 epochs")])
+def test_damaged_epoch_is_refused(tmp_path, epoch, why):
+    with pytest.raises(CheckpointError, match=why):
+        load_model(make_checkpoint(tmp_path / "e.pt", epoch=epoch))
+
+
+def test_damaged_or_non_finite_weights_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not a mapping of tensors"):
+        load_model(make_checkpoint(tmp_path / "a.pt", weights=[torch.zeros(2)]))
+    with pytest.raises(CheckpointError, match="not a mapping of tensors"):
+        load_model(make_checkpoint(tmp_path / "b.pt", weights={"fc.weight": "zeros"}))
+    sd = make_model(TrainConfig(model="resnet18", inputs=("t",), pretrained=False)).state_dict()
+    sd["fc.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values \(fc.weight\)"):
+        load_model(make_checkpoint(tmp_path / "c.pt", weights=sd))
+
+
+@pytest.mark.parametrize("epoch,epochs", [(1, 4), (0, 4), (59, 60)])
+def test_unfinished_run_is_refused_unless_allowed_then_warned(tmp_path, capsys, slices, epoch, epochs):
+    ck = make_checkpoint(tmp_path / "cut.pt", model="twin", epoch=epoch, epochs=epochs)
+    rc, out, err = run_cli(capsys, "predict", ck, *slices, "--out", tmp_path / "p.csv")
+    assert_one_line_error(rc, err, ck, f"unfinished training run (saved after epoch {epoch} of {epochs})",
+                          "--allow-unfinished")
+    rc, out, err = run_cli(capsys, "predict", ck, *slices, "--out", tmp_path / "p.csv", "--allow-unfinished")
+    assert rc == 0
+    assert f"osteo: warning: {ck}: unfinished training run (saved after epoch {epoch} of {epochs})" in err
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert all(abs(sum(float(r[f"p_{c}"]) for c in ("normal", "osteopenia", "osteoporosis")) - 1) < 1e-3 for r in rows)
+    assert all(r["p_osteoporosis"] != "" for r in rows)
+
+
+def test_finished_checkpoint_predicts_every_class_column(tmp_path, capsys, slices):
+    ck = make_checkpoint(tmp_path / "ok.pt", model="twin")
+    rc, out, err = run_cli(capsys, "predict", ck, *slices, "--out", tmp_path / "p.csv")
+    assert rc == 0 and "osteo: " not in err
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    assert len(rows) == 3 and all(r["p_osteoporosis"] and r["alpha"] for r in rows)
+
+
+# --- files that are not checkpoints -------------------------------------------------------------------
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", ["raw pickle", "torch.save of an object", "osteo format with an object",
+                                  "text", "empty", "truncated zip", "random bytes", "folder", "missing"])
+def test_files_that_are_not_checkpoints_give_one_line(tmp_path, capsys, slices, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "x.pt"
+    if kind == "raw pickle":
+        p.write_bytes(pickle.dumps({"format": CHECKPOINT_FORMAT, "x": Evil()}))
+    elif kind == "torch.save of an object":
+        torch.save({"x": Evil()}, p)
+    elif kind == "osteo format with an object":
+        torch.save({"format": CHECKPOINT_FORMAT, "config": GOOD, "epoch": 2, "model": {}, "extra": Evil()}, p)
+    elif kind == "text":
+        p.write_text("hello, I am not a checkpoint\n")
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "truncated zip":
+        make_checkpoint(p)
+        p.write_bytes(p.read_bytes()[:3000])
+    elif kind == "random bytes":
+        p.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif kind == "folder":
+        p.mkdir()
+    rc, out, err = run_cli(capsys, "predict", p, slices[0], "--out", tmp_path / "p.csv")
+    line = assert_one_line_error(rc, err, p)
+    assert not (tmp_path / "pwned.txt").exists()
+    if "object" in kind or kind == "raw pickle":
+        assert "refused without running anything" in line
+    if kind == "missing":
+        assert "no such checkpoint file" in line
+    if kind == "folder":
+        assert "is a folder" in line
+    with pytest.raises(CheckpointError):  # --debug: the exception itself, with its traceback
+        osteo_main(["predict", str(p), str(slices[0]), "--out", str(tmp_path / "p.csv"), "--debug"])
+
+
+# --- every command: a user error is one line ------------------------------------------------------------
+
+
+def _bad_manifest(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text("path,label,patient_id\nnope.dcm,normal,p1\n")
+    return m
+
+
+@pytest.mark.parametrize("case", [
+    "train: missing manifest", "train: bad manifest", "train: unknown model", "train: batch size 1",
+    "train: zero epochs", "train: bad device", "train: out is a file", "train: negative lr",
+    "synth: out is a file", "synth: zero per class", "synth: tiny size",
+    "predict: out is a folder", "predict: out under a file", "predict: gradcam is a file", "predict: bad device",
+    "grid: unknown profile", "grid: bad worker", "report: unknown profile", "reproduce: unknown profile",
+    "reproduce: unknown notebook",
+])
+def test_every_command_reports_user_errors_in_one_line(tmp_path, capsys, slices, case):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    ck = make_checkpoint(tmp_path / "ok.pt")
+    argv, needle = {
+        "train: missing manifest": (["train", tmp_path / "none.csv", "--out", tmp_path / "r"], "none.csv"),
+        "train: bad manifest": (["train", _bad_manifest(tmp_path), "--out", tmp_path / "r"], "missing file"),
+        "train: unknown model": (["train", _bad_manifest(tmp_path), "--model", "resnet50", "--out", tmp_path / "r"], "--model 'resnet50'"),
+        "train: batch size 1": (["train", _bad_manifest(tmp_path), "--batch-size", "1", "--out", tmp_path / "r"], "batch_size"),
+        "train: zero epochs": (["train", _bad_manifest(tmp_path), "--epochs", "0", "--out", tmp_path / "r"], "epochs"),
+        "train: bad device": (["train", _bad_manifest(tmp_path), "--device", "gpu7", "--out", tmp_path / "r"], "gpu7"),
+        "train: out is a file": (["train", _bad_manifest(tmp_path), "--out", f], "file.txt"),
+        "train: negative lr": (["train", _bad_manifest(tmp_path), "--lr", "-1", "--out", tmp_path / "r"], "--lr"),
+        "synth: out is a file": (["synth", f, "--n-per-class", "1", "--size", "32"], "file.txt"),
+        "synth: zero per class": (["synth", tmp_path / "s", "--n-per-class", "0"], "n_per_class"),
+        "synth: tiny size": (["synth", tmp_path / "s", "--n-per-class", "1", "--size", "8"], "size"),
+        "predict: out is a folder": (["predict", ck, slices[0], "--out", tmp_path], "--out is a folder"),
+        "predict: out under a file": (["predict", ck, slices[0], "--out", f / "p.csv"], "file.txt: not a folder"),
+        "predict: gradcam is a file": (["predict", ck, slices[0], "--out", tmp_path / "p.csv", "--gradcam", f], "--gradcam"),
+        "predict: bad device": (["predict", ck, slices[0], "--device", "tpu", "--out", tmp_path / "p.csv"], "'tpu'"),
+        "grid: unknown profile": (["grid", "--profile", "huge"], "--profile 'huge'"),
+        "grid: bad worker": (["grid", "--profile", "smoke", "--worker", "3/2"], "--worker '3/2'"),
+        "report: unknown profile": (["report", "--profile", "huge"], "--profile 'huge'"),
+        "reproduce: unknown profile": (["reproduce", "--profile", "huge"], "--profile 'huge'"),
+        "reproduce: unknown notebook": (["reproduce", "--profile", "smoke", "--notebooks", "77"], "--notebooks '77'"),
+    }[case]
+    rc, out, err = run_cli(capsys, *argv)
+    assert_one_line_error(rc, err, needle)
+
+
+def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "osteo.cli", "predict", str(bad), str(tmp_path)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"osteo: error: {bad}: not a loadable osteo checkpoint: not a PyTorch checkpoint file"
+    r = subprocess.run([sys.executable, "-m", "osteo.cli", "--debug", "predict", str(bad), str(tmp_path)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
