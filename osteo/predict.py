@@ -102,7 +102,7 @@ class _CsvOut:
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
-        os.chmod(self.tmp, 0o666 & ~_umask())
+        os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would have given
         os.replace(self.tmp, self.target)
 
     def keep_partial(self) -> Path | None:
@@ -117,9 +117,12 @@ class _CsvOut:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
 
 
 def predict_files(checkpoint, paths, out_csv="predictions.csv", gradcam_dir=None, device="auto", progress=True,
