@@ -130,7 +130,7 @@ def predict_files(checkpoint, paths, out_csv="predictions.csv", gradcam_dir=None
     """Predict every file; returns the exit code (0: all predicted, 1: some failed).
 
     The checkpoint and the outputs are checked before any prediction (a :class:`CheckpointError`
-    or :class:`DicomError` naming the file). ``allow_unfinished`` predicts with the checkpoint of
+    or :class:`PredictError` naming the file). ``allow_unfinished`` predicts with the checkpoint of
     a run stopped before its last epoch, with a warning.
     """
     out_csv = Path(out_csv)
