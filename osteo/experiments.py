@@ -302,11 +302,7 @@ class Experiments:
 
     def fig3_table(self, save: bool = True) -> pd.DataFrame:
         """Fig. 3's numbers: per-class test accuracy (%) of the heads G_s and G_t of Ours, per seed."""
-        rows = [{"seed": r.config["seed"], "head": name,
-                 **{lab: round(100 * a, 2) for lab, a in r.test[h]["per_class_accuracy"].items()},
-                 "overall": round(100 * r.test[h]["accuracy"], 2), "n_test": r.test[h]["n"]}
-                for r in self.run_seeds(**OURS) for h, name in (("s", "G_s (x_s)"), ("t", "G_t (x_t)"))]
-        df = pd.DataFrame(rows)
+        df = pd.DataFrame(fig3_rows(self.run_seeds(**OURS)))
         if save:
             self.save_table("fig3", df)
         return df
@@ -397,7 +393,27 @@ def describe(cfg: TrainConfig) -> str:
     return f"{cfg.model} ({'+'.join(cfg.inputs)}{lam}{alpha}), seed {cfg.seed}"
 
 
-def test_groups(r: TrainResult) -> tuple:
+def fig3_rows(results: list) -> list:
+    """Fig. 3's rows: per seed and head (G_s, G_t of Ours), per-class and overall accuracy (%), each
+    class with its 95 % interval over patients (``<class>_ci``) when the run knows its patients."""
+    rows = []
+    for r in results:
+        for h, name in (("s", "G_s (x_s)"), ("t", "G_t (x_t)")):
+            t = r.test[h]
+            row = {"seed": r.config["seed"], "head": name}
+            for lab, a in t["per_class_accuracy"].items():
+                row[lab] = round(100 * a, 2)
+                ci = t.get("per_class_accuracy_ci95", {}).get(lab)
+                if ci:
+                    row[f"{lab}_ci"] = f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}"
+            row.update(overall=round(100 * t["accuracy"], 2), n_test=t["n"])
+            if t.get("n_patients"):
+                row["n_patients"] = t["n_patients"]
+            rows.append(row)
+    return rows
+
+
+def patients_of(r: TrainResult) -> tuple:
     """The patient of each test slice of a run, and whether it is known (results made before the
     kit stored it fall back to one 'patient' per slice, which makes intervals too narrow)."""
     ids = list(getattr(r, "test_patient_id", None) or [])
@@ -408,9 +424,9 @@ def test_groups(r: TrainResult) -> tuple:
 
 def _shared_test_set(results: list) -> tuple:
     """y_true and patients shared by runs (seeds, or two models): they must be the same test slices."""
-    y, (groups, known) = results[0].y_true, test_groups(results[0])
+    y, (groups, known) = results[0].y_true, patients_of(results[0])
     for r in results[1:]:
-        if list(r.y_true) != list(y) or test_groups(r)[0] != groups:
+        if list(r.y_true) != list(y) or patients_of(r)[0] != groups:
             raise ValueError(f"runs {describe(TrainConfig(**results[0].config))} and {describe(TrainConfig(**r.config))} "
                              f"were tested on different slices: they cannot be compared or pooled")
     return np.asarray(y), groups, known
