@@ -182,7 +182,7 @@ def _draw_patient(rng: np.random.Generator, cand: int) -> _Patient:
 
 
 def _test_slices(n_per_class: int, n_test_per_class: int | None) -> int:
-    """Test slices (= test patients) per class: ``n_test_per_class``, else 20 % (SPEC 3: 80/20), at least one."""
+    """Test slices (= test patients) per class: ``n_test_per_class``, else 20 % (the paper's 80/20 split), at least one."""
     if n_test_per_class is None:
         return min(n_per_class, max(1, int(round(0.2 * n_per_class))))
     if not 1 <= n_test_per_class <= n_per_class:
