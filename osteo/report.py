@@ -52,8 +52,10 @@ def _test_set_line(rows: list) -> str:
         size = (f"Test set: {r['n_patients']} patients, {r['n_slices']} slices; design effect "
                 f"{_fmt(float(r['design_effect']))} (mean over rows), so the slices are worth about "
                 f"{round(r['n_slices'] / float(r['design_effect']))} independent ones (effective sample size).")
+    elif r.get("n_slices"):
+        size = f"Test set: {r['n_slices']} slices (patients not recorded)."
     else:
-        size = f"Test set: {r.get('n_slices', '?')} slices (patients not recorded)."
+        size = "Test set: patients not recorded (a table made by an older version of the kit)."
     return f"{size} 95 % intervals cover: {'; '.join(kinds)}."
 
 
@@ -84,6 +86,7 @@ def write_report(profile_dir, out_path=None) -> Path:
     parts = [f"# osteo-kit reproduction report: profile `{profile_dir.name}`", ""]
     profile = None
     devices = set()
+    legacy = False  # a table made before the kit kept each test slice's patient
     for name in list(TABLES) + list(EXTRA_TABLES):
         f = tdir / f"{name}.json"
         if not f.exists():
@@ -96,6 +99,7 @@ def write_report(profile_dir, out_path=None) -> Path:
             for r in rows:
                 r["ci"] = f"{r['ci95_low']:.1f}-{r['ci95_high']:.1f}"
                 devices.add(r.get("device") or "?")
+                legacy |= not r.get("n_patients")
             parts.append(markdown_table(rows, ACC_COLUMNS))
             pre = {r.get("pretrained") for r in rows}
             parts += ["", _test_set_line(rows),
@@ -129,7 +133,10 @@ def write_report(profile_dir, out_path=None) -> Path:
             "Slices of one patient are not independent evidence, so every 95 % interval is a bootstrap over "
             "test patients (stratified by class, percentile); with several seeds it covers seeds too "
             "(seeds, then patients); with one seed it covers test-set sampling only. Whether a paper's claim "
-            "held comes from the paired tests at the end, never from comparing two intervals.",
+            "held comes from the paired tests at the end, never from comparing two intervals."
+            + (" Tables that say 'patients not recorded' were made by an older version of the kit: their "
+               "intervals are Wilson intervals over slices pooled over seeds, too narrow when a patient gives "
+               "several slices; running the batch again replaces them." if legacy else ""),
         ]
         if devices:
             parts[2] = parts[2].rstrip(". ") + f". Trained on: {', '.join(sorted(devices))}."
