@@ -318,7 +318,8 @@ def compare(y_true, pred_a, pred_b, groups, seed: int = 0, n_resamples: int = N_
     accuracy of B (fraction), the 95 % interval of a paired cluster bootstrap over patients
     (stratified by class, percentile) and the two-sided p-value of an exact sign-flip permutation
     test over patients (A's and B's answers swapped for all slices of a patient at once; with one
-    slice per patient this is McNemar's exact test). A claim "A beats B" holds when ``lo > 0``."""
+    slice per patient this is McNemar's exact test). A claim "A beats B" holds when ``lo > 0`` and
+    ``p < 0.05`` (on a few dozen patients the percentile interval is too narrow; the exact test is not)."""
     return _compare(y_true, [pred_a], [pred_b], groups, seed, n_resamples)[0]
 
 

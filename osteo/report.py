@@ -64,7 +64,7 @@ def _paired_section(rows: list) -> list:
         r["claim"] = f"{r['a']} > {r['b']}"
         r["ci"] = f"{r['ci95_low']:.1f} to {r['ci95_high']:.1f}"
         r["p"] = "< 0.001" if r["p_value"] < 0.001 else f"{r['p_value']:.3f}"
-    out = ["A claim holds when the 95 % interval of the accuracy difference (points) lies above 0. The interval "
+    out = ["A claim holds when the 95 % interval of the accuracy difference (points) lies above 0 (and p < 0.05). The interval "
            "is a paired bootstrap over test patients (stratified by class, percentile); combined over seeds "
            "(`all`) a two-level bootstrap, seeds then patients. p: exact permutation test, A and B swapped per "
            "patient. 'Detectable' is the smallest difference this test finds with 80 % power on this test set: "

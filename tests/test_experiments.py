@@ -231,3 +231,11 @@ def test_paper_profile_on_a_cpu_warns(monkeypatch, capsys):
     assert [Path(nb).name[:2] for nb in ran] == ["01", "09"]  # the warning does not stop it (cached runs)
     assert "warning: profile paper without a CUDA GPU" in capsys.readouterr().err
     assert "without a CUDA GPU" in osteo.plots.setup_summary(Experiments("paper"))
+
+
+def test_a_claim_holds_only_when_interval_and_exact_test_agree():
+    from osteo.experiments import verdict
+
+    assert verdict(0.01, 0.09, 0.01) == "yes" and verdict(-0.09, -0.01, 0.01) == "no: B better"
+    assert verdict(-0.01, 0.09, 0.04) == "not shown"  # the interval holds 0
+    assert verdict(0.01, 0.09, 0.2) == "not shown"  # a narrow bootstrap on few patients, the exact test disagrees
