@@ -11,7 +11,8 @@ from .acm import ACM, acm_orthogonality
 from .models import MODEL_NAMES, TwinNet, TwinOutput, build_model, default_image_size, gradcam_layer, resnet18_acm
 from .losses import acm_penalty, dissimilarity_loss, twin_loss, twin_loss_terms
 from .gradcam import GradCAM, grad_cam
-from .metrics import classification_report, mcnemar
+from .metrics import (Comparison, accuracy_ci, accuracy_ci_seeds, bootstrap_metrics, classification_report, compare,
+                      compare_seeds, design_effect, mcnemar, min_detectable_difference)
 from .data import SliceData, load_data
 from .training import TrainConfig, TrainResult, evaluate, load_model, train
 from .experiments import Experiments, resolve_profile
@@ -55,8 +56,16 @@ __all__ = [
     "twin_loss_terms",
     "GradCAM",
     "grad_cam",
+    "Comparison",
+    "accuracy_ci",
+    "accuracy_ci_seeds",
+    "bootstrap_metrics",
     "classification_report",
+    "compare",
+    "compare_seeds",
+    "design_effect",
     "mcnemar",
+    "min_detectable_difference",
     "SliceData",
     "load_data",
     "TrainConfig",

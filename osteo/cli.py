@@ -66,7 +66,8 @@ def _cmd_synth(a) -> int:
         raise UserError(f"{a.out_dir}: exists and is not a folder")
     try:
         df = synthesize(a.out_dir, n_per_class=a.n_per_class, size=a.size, seed=a.seed,
-                        slices_per_patient=a.slices_per_patient, overwrite=a.overwrite)
+                        slices_per_patient=a.slices_per_patient, overwrite=a.overwrite,
+                        n_test_per_class=a.n_test_per_class)
     except ValueError as e:
         if str(e).startswith("synthesize:"):  # the generator's checks of its arguments
             raise UserError(str(e)) from None
@@ -110,7 +111,9 @@ def _cmd_train(a) -> int:
             raise UserError(f"{a.manifest}: {str(e).removeprefix('osteo/models.py: ')}") from None
         raise
     lo, hi = res.accuracy_ci95
-    print(f"test accuracy {res.accuracy:.4f} (95 % CI {lo:.4f}-{hi:.4f}) on {res.test[res.main_head]['n']} slices; "
+    head = res.test[res.main_head]
+    print(f"test accuracy {res.accuracy:.4f} (95 % CI {lo:.4f}-{hi:.4f}, {head.get('interval', 'Wilson')}) on "
+          f"{head['n']} slices of {head.get('n_patients', '?')} patients; "
           f"ImageNet weights: {'yes' if res.pretrained_used else 'no'}; result in {a.out}/result.json")
     return 0
 
@@ -251,8 +254,9 @@ def _cmd_grid(a) -> int:
             continue
         exp.table(name)
         complete.append(name)
-    if "table2" in complete:  # Ours and Ours - L_dis: the paired test and Fig. 3's numbers
-        exp.mcnemar_table()
+    if complete:  # the paper's claims "A beats B", tested pairwise over patients (and seeds)
+        exp.paired_table(complete)
+    if "table2" in complete:  # Fig. 3's numbers: the heads of Ours
         exp.fig3_table()
     if complete:
         print(f"saved {', '.join(complete)}; report: {write_report(exp.out)}")
@@ -283,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-per-class", type=int, default=1500)
     s.add_argument("--size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--slices-per-patient", type=int, default=5)
+    s.add_argument("--slices-per-patient", type=int, default=5, help="slices per training patient")
+    s.add_argument("--n-test-per-class", type=int, default=None,
+                   help="test slices per class, one per test patient (default 20 %% of --n-per-class)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_synth)
 

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from .data import SliceData, load_data
-from .metrics import wilson_interval
+from .metrics import accuracy_ci_seeds, compare, compare_seeds, design_effect, min_detectable_difference
 from .training import TrainConfig, TrainResult, train
 
 PROFILE_NAMES = ("smoke", "laptop", "paper")
@@ -39,16 +39,21 @@ class Profile:
     vit_epochs: int
     batch_size: int
     seeds: tuple
-    slices_per_patient: int = 5  # synthetic slices per patient (neighbouring levels)
+    slices_per_patient: int = 5  # synthetic slices per training patient (neighbouring levels)
     device: str = "auto"
     note: str = ""
+    n_test_per_class: int | None = None  # synthetic test slices per class, one per patient (None: 20 %)
 
 
 PROFILES = {
     "smoke": Profile("smoke", 24, 128, 64, 2, 2, 24, (0,), 2, "cpu",
                      "CI: checks that everything runs; the numbers mean nothing"),
-    "laptop": Profile("laptop", 120, 128, 64, 8, 8, 32, (0,), 2, "auto",
-                      "CPU, about 20 minutes on 2 cores; small and noisy: a teaching run, not a reproduction"),
+    # laptop: 96 training slices per class (48 patients of 2) as before, and 150 test patients per
+    # class (one slice each): evaluating at 64 px costs seconds, and 450 test patients tell about
+    # 8 points apart where 36 patients told nothing
+    "laptop": Profile("laptop", 246, 128, 64, 8, 8, 32, (0,), 2, "auto",
+                      "CPU, about 20 minutes on 2 cores; small and noisy: a teaching run, not a reproduction",
+                      n_test_per_class=150),
     "paper": Profile("paper", 1500, 256, 224, 60, 500, 128, (0, 1, 2), 5, "auto",
                      "the paper's sizes and hyperparameters; needs a GPU"),
 }
@@ -117,6 +122,20 @@ TABLES = {
         ],
     },
 }
+
+
+def paper_claims(name: str) -> list:
+    """The paper's "A beats B" claims in one table, as (A, B) row labels: the best row of the paper
+    beats every other row; in Tables 2 and 3 also each step of the ablation."""
+    rows = [(label, acc) for label, _, acc in TABLES[name]["rows"]]
+    best = max(rows, key=lambda r: r[1])[0]
+    claims = [(best, label) for label, _ in rows if label != best]
+    if name in ("table2", "table3"):
+        by_acc = sorted(dict(rows).items(), key=lambda r: r[1])
+        claims += [(hi, lo) for (lo, _), (hi, _) in zip(by_acc, by_acc[1:]) if (hi, lo) not in claims]
+    return claims
+
+
 # Inception-v3 and Xception read 299 px where the others read 224 (SPEC section 3).
 LARGE_INPUT_MODELS = ("inception_v3", "xception")
 
@@ -184,7 +203,7 @@ class Experiments:
         src = self.data_source or os.environ.get("OSTEO_DATA")
         if src:
             return Path(src)
-        from .synthetic import MANIFEST_COLUMNS, synthesize
+        from .synthetic import MANIFEST_COLUMNS, _test_slices, synthesize
 
         p = self.profile
         d = self.data_dir / f"synthetic-{p.name}"
@@ -192,13 +211,16 @@ class Experiments:
         stale = False
         if m.exists():
             old = pd.read_csv(m)
+            test = old[old["split"] == "test"] if "split" in old.columns else old.iloc[:0]
+            n_test = _test_slices(p.n_per_class, p.n_test_per_class)
             stale = (tuple(old.columns) != MANIFEST_COLUMNS or len(old) != 3 * p.n_per_class
-                     or old.groupby("patient_id").size().max() != p.slices_per_patient)
+                     or old.groupby("patient_id").size().max() != p.slices_per_patient
+                     or len(test) != 3 * n_test or test["patient_id"].nunique() != len(test))
             if stale:
                 print(f"data/{d.name} was made by an older generator or for other profile sizes: making it again")
         if stale or not m.exists():
             synthesize(d, n_per_class=p.n_per_class, size=p.synth_size, seed=0, slices_per_patient=p.slices_per_patient,
-                       progress=self.progress, overwrite=stale)
+                       progress=self.progress, overwrite=stale, n_test_per_class=p.n_test_per_class)
         return m
 
     def data(self, image_size: int | None = None) -> SliceData:
@@ -280,32 +302,35 @@ class Experiments:
 
     def fig3_table(self, save: bool = True) -> pd.DataFrame:
         """Fig. 3's numbers: per-class test accuracy (%) of the heads G_s and G_t of Ours, per seed."""
-        rows = [{"seed": r.config["seed"], "head": name,
-                 **{lab: round(100 * a, 2) for lab, a in r.test[h]["per_class_accuracy"].items()},
-                 "overall": round(100 * r.test[h]["accuracy"], 2), "n_test": r.test[h]["n"]}
-                for r in self.run_seeds(**OURS) for h, name in (("s", "G_s (x_s)"), ("t", "G_t (x_t)"))]
-        df = pd.DataFrame(rows)
+        df = pd.DataFrame(fig3_rows(self.run_seeds(**OURS)))
         if save:
             self.save_table("fig3", df)
         return df
 
-    def mcnemar_table(self, save: bool = True) -> pd.DataFrame:
-        """McNemar's exact test of Ours against Ours - L_dis on the same test slices, one row per seed."""
-        from .metrics import mcnemar
-
+    def paired_table(self, names=None, save: bool = True) -> pd.DataFrame:
+        """Every paper claim "A beats B" of the named tables (default: those whose runs are all
+        cached), tested on the same test slices: per seed and combined over seeds, the accuracy
+        difference A - B in points, its 95 % interval (paired bootstrap over patients; over seeds
+        and patients when combined), the exact permutation p-value over patients, the smallest
+        difference the test detects with 80 % power, and whether the claim held (the interval
+        excludes 0 in the paper's direction, and p < 0.05). Trains nothing."""
+        names = [n for n in (names or TABLES) if not self.missing([n])]
         rows = []
-        for seed in self.profile.seeds:
-            ours, no_dis = self.run(self.config(seed=seed, **OURS)), self.run(self.config(seed=seed, **OURS_NO_DIS))
-            y = np.asarray(ours.y_true)
-            right_ours = np.asarray(ours.predictions["f"]) == y
-            right_no_dis = np.asarray(no_dis.predictions["f"]) == y
-            rows.append({"seed": seed, "n_test": len(y), "acc_ours": round(100 * right_ours.mean(), 2),
-                         "acc_ours_no_dis": round(100 * right_no_dis.mean(), 2), **mcnemar(right_ours, right_no_dis)})
+        for name in names:
+            spec = {label: (ov, p) for label, ov, p in TABLES[name]["rows"]}
+            for a, b in paper_claims(name):
+                ra = [self.run(self.config(seed=s, **spec[a][0])) for s in self.profile.seeds]
+                rb = [self.run(self.config(seed=s, **spec[b][0])) for s in self.profile.seeds]
+                rows += paired_rows(TABLES[name]["title"].split(".")[0], a, b, ra, rb, spec[a][1] - spec[b][1])
         df = pd.DataFrame(rows)
-        df["p_value"] = df["p_value"].round(4)
         if save:
-            self.save_table("mcnemar", df)
+            self.save_table("paired", df)
         return df
+
+    def mcnemar_table(self, save: bool = True) -> pd.DataFrame:
+        """Former name of :meth:`paired_table` (McNemar counted slices as independent; the paired
+        test over patients replaces it)."""
+        return self.paired_table(save=save)
 
     # ---- the grid ---------------------------------------------------------------------------
     def table_configs(self, names=None) -> list:
@@ -349,12 +374,15 @@ class Experiments:
         """The configs of the named tables that the cache does not hold yet."""
         return [c for c in self.table_configs(names) if not self.is_done(c)]
 
-    def save_table(self, name: str, df: pd.DataFrame) -> None:
+    def save_table(self, name: str, df: pd.DataFrame, note: str | None = None) -> None:
+        """Write ``tables/<name>.csv`` and ``.json`` (with the profile, and ``note`` shown under the table in REPORT.md)."""
         tdir = self.out / "tables"
         tdir.mkdir(parents=True, exist_ok=True)
         df.to_csv(tdir / f"{name}.csv", index=False)
         meta = {"title": TABLES.get(name, {}).get("title", name), "profile": dataclasses.asdict(self.profile),
                 "rows": json.loads(df.to_json(orient="records"))}
+        if note:
+            meta["note"] = note
         (tdir / f"{name}.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -365,27 +393,111 @@ def describe(cfg: TrainConfig) -> str:
     return f"{cfg.model} ({'+'.join(cfg.inputs)}{lam}{alpha}), seed {cfg.seed}"
 
 
+def fig3_rows(results: list) -> list:
+    """Fig. 3's rows: per seed and head (G_s, G_t of Ours), per-class and overall accuracy (%), each
+    class with its 95 % interval over patients (``<class>_ci``) when the run knows its patients."""
+    rows = []
+    for r in results:
+        for h, name in (("s", "G_s (x_s)"), ("t", "G_t (x_t)")):
+            t = r.test[h]
+            row = {"seed": r.config["seed"], "head": name}
+            for lab, a in t["per_class_accuracy"].items():
+                row[lab] = round(100 * a, 2)
+                ci = t.get("per_class_accuracy_ci95", {}).get(lab)
+                if ci:
+                    row[f"{lab}_ci"] = f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}"
+            row.update(overall=round(100 * t["accuracy"], 2), n_test=t["n"])
+            if t.get("n_patients"):
+                row["n_patients"] = t["n_patients"]
+            rows.append(row)
+    return rows
+
+
+def patients_of(r: TrainResult) -> tuple:
+    """The patient of each test slice of a run, and whether it is known (results made before the
+    kit stored it fall back to one 'patient' per slice, which makes intervals too narrow)."""
+    ids = list(getattr(r, "test_patient_id", None) or [])
+    if len(ids) == len(r.y_true):
+        return ids, True
+    return list(range(len(r.y_true))), False
+
+
+def _shared_test_set(results: list) -> tuple:
+    """y_true and patients shared by runs (seeds, or two models): they must be the same test slices."""
+    y, (groups, known) = results[0].y_true, patients_of(results[0])
+    for r in results[1:]:
+        if list(r.y_true) != list(y) or patients_of(r)[0] != groups:
+            raise ValueError(f"runs {describe(TrainConfig(**results[0].config))} and {describe(TrainConfig(**r.config))} "
+                             f"were tested on different slices: they cannot be compared or pooled")
+    return np.asarray(y), groups, known
+
+
 def summarise(label: str, results: list, paper_acc: float | None) -> dict:
-    """One table row: mean accuracy over seeds, the pooled 95 % interval, the seeds and the gap to the paper."""
+    """One table row: accuracy per seed, their mean and SD, and a 95 % interval over patients (and
+    over seeds when there are several: a two-level bootstrap, seeds then patients), the test set's
+    patients, slices and effective size (design effect), and the gap to the paper."""
     accs = np.array([r.accuracy for r in results]) * 100
-    n = sum(r.test[r.main_head]["n"] for r in results)
-    k = sum(round(r.accuracy * r.test[r.main_head]["n"]) for r in results)
-    lo, hi = wilson_interval(k, n)
-    mean = float(accs.mean())
+    y, groups, known = _shared_test_set(results)
+    preds = [r.predictions[r.main_head] for r in results]
+    mean, lo, hi = accuracy_ci_seeds(y, preds, groups)
+    de = [design_effect(y, p, groups)["deff"] for p in preds]
+    deff = float(np.nanmean(de)) if known else 1.0
+    if not known:
+        interval = "slices as independent (patients unknown: too narrow)"
+    elif len(results) == 1:
+        interval = "patients (one seed: test-set sampling only)"
+    else:
+        interval = f"seeds and patients (two-level bootstrap, {len(results)} seeds)"
     return {
         "model": label,
         "paper_acc": paper_acc,
-        "acc": round(mean, 2),
+        "acc": round(float(accs.mean()), 2),
         "ci95_low": round(lo * 100, 2),
         "ci95_high": round(hi * 100, 2),
+        "interval": interval,
         "seed_sd": round(float(accs.std(ddof=1)), 2) if len(accs) > 1 else None,
         "per_seed": [round(float(a), 2) for a in accs],
         "seeds": [r.config["seed"] for r in results],
+        "n_patients": len(set(groups)) if known else None,
+        "n_slices": int(len(y)),
+        "design_effect": round(deff, 2),
+        "n_eff": round(len(y) / deff, 1) if deff > 0 else None,
         "macro_f1": round(float(np.mean([r.test[r.main_head]["macro_f1"] for r in results])), 3),
         "qw_kappa": round(float(np.mean([r.test[r.main_head]["qw_kappa"] for r in results])), 3),
-        "gap_to_paper": round(mean - paper_acc, 2) if paper_acc is not None else None,
+        "gap_to_paper": round(float(accs.mean()) - paper_acc, 2) if paper_acc is not None else None,
         "pretrained": bool(all(r.pretrained_used for r in results)),
         "alpha": round(float(np.mean([r.alpha for r in results])), 3) if results[0].alpha is not None else None,
         "epochs": results[0].config["epochs"],
         "device": results[0].device,
     }
+
+
+def verdict(lo: float, hi: float, p: float = 0.0) -> str:
+    """Did "A beats B" hold? "yes" when the difference's 95 % interval lies above 0 ("no: B better"
+    below 0) and the permutation test agrees (p < 0.05: on a few dozen patients a percentile
+    bootstrap is too narrow, the exact test is not); else "not shown"."""
+    if p >= 0.05:
+        return "not shown"
+    return "yes" if lo > 0 else ("no: B better" if hi < 0 else "not shown")
+
+
+def paired_rows(table: str, a: str, b: str, runs_a: list, runs_b: list, paper_diff: float | None) -> list:
+    """Rows of the paired table for one claim "A beats B": one per seed and, with several seeds,
+    one combined over seeds (difference, interval and minimum detectable difference in points)."""
+    y, groups, known = _shared_test_set(list(runs_a) + list(runs_b))
+    pa = [r.predictions[r.main_head] for r in runs_a]
+    pb = [r.predictions[r.main_head] for r in runs_b]
+    base = {"table": table, "a": a, "b": b, "paper_diff": None if paper_diff is None else round(paper_diff, 2)}
+    out = []
+    seeds = [r.config["seed"] for r in runs_a]
+    todo = [(str(s), [x], [z]) for s, x, z in zip(seeds, pa, pb)]
+    if len(seeds) > 1:
+        todo.append(("all", pa, pb))
+    for seed, xa, xb in todo:
+        c = compare(y, xa[0], xb[0], groups) if len(xa) == 1 else compare_seeds(y, xa, xb, groups)
+        mdd = min_detectable_difference(y, xa, xb, groups)
+        out.append({**base, "seed": seed, "diff": round(100 * c.diff, 2), "ci95_low": round(100 * c.lo, 2),
+                    "ci95_high": round(100 * c.hi, 2), "p_value": round(c.p, 4), "mdd80": round(100 * mdd, 2),
+                    "holds": verdict(c.lo, c.hi, c.p), "n_patients": len(set(groups)) if known else None,
+                    "n_slices": int(len(y))})
+    return out

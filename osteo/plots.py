@@ -25,7 +25,10 @@ VIEW_NAME = {"s": "x_s (HU -128..1024)", "t": "x_t (HU -450..1024)"}
 CLASS_COLOURS = ("tab:green", "tab:orange", "tab:red")
 PAPER_COLOUR, OURS_COLOUR = "0.7", "tab:blue"
 #: The columns of a paper table the notebooks show (all are in the saved JSON and REPORT.md).
-TABLE_COLUMNS = ["model", "paper_acc", "acc", "ci95_low", "ci95_high", "gap_to_paper", "per_seed", "pretrained"]
+TABLE_COLUMNS = ["model", "paper_acc", "acc", "ci95_low", "ci95_high", "seed_sd", "per_seed", "gap_to_paper", "interval",
+                 "pretrained"]
+#: The columns of a paired table (the paper's claims "A beats B") the notebooks show.
+PAIRED_COLUMNS = ["a", "b", "seed", "paper_diff", "diff", "ci95_low", "ci95_high", "p_value", "mdd80", "holds"]
 
 
 def _png(fig: Figure) -> bytes:

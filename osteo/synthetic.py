@@ -155,6 +155,7 @@ class _Patient:
     psf_sigma: float
     patient_id: str = ""
     n_slices: int = 0
+    split: str = ""  # "train" or "test" (set by _cohort)
     t_resid: float = 0.0  # standard-normal residual of the T-score after density (not stored)
     u_sex: float = 0.0  # the uniform that drew the sex (re-used when sex goes with the T-score)
 
@@ -180,53 +181,58 @@ def _draw_patient(rng: np.random.Generator, cand: int) -> _Patient:
                     contrast, round(noise_sd, 2), spacing, thickness, psf, t_resid=e, u_sex=u_sex)
 
 
-def _cohort(n_per_class: int, seed: int, slices_per_patient: int) -> list[_Patient]:
-    """Draw patients until every class holds exactly ``n_per_class`` slices (last patient may get fewer)."""
+def _test_slices(n_per_class: int, n_test_per_class: int | None) -> int:
+    """Test slices (= test patients) per class: ``n_test_per_class``, else 20 % (the paper's 80/20 split), at least one."""
+    if n_test_per_class is None:
+        return min(n_per_class, max(1, int(round(0.2 * n_per_class))))
+    if not 1 <= n_test_per_class <= n_per_class:
+        raise ValueError(f"synthesize: n_test_per_class ({n_test_per_class}) must lie in 1..n_per_class ({n_per_class})")
+    return int(n_test_per_class)
+
+
+def _cohort(n_per_class: int, seed: int, slices_per_patient: int, n_test_per_class: int | None = None) -> list[_Patient]:
+    """The patients of the synthetic set, in the order of their ids, each with its split and slice count.
+
+    Per class: ``n_test`` test patients with ONE slice each (evaluation is cheap: one slice per
+    patient gives the most independent evidence for a given number of test slices) and training
+    patients with ``slices_per_patient`` neighbouring slices (the last may get fewer), so every class
+    holds exactly ``n_per_class`` slices. Patients are drawn from one random sequence until every
+    class is full (rejection by label); which patients of a class are tested is a seeded
+    permutation, and the ids ``SYN00001..`` are a seeded permutation of all patients, so neither the
+    id, the file name nor the order of the rows carries the label or the split.
+    """
     if n_per_class < 1 or slices_per_patient < 1:
         raise ValueError(f"synthesize: n_per_class ({n_per_class}) and slices_per_patient "
                          f"({slices_per_patient}) must be >= 1")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"synthesize: seed must be a non-negative integer, got {seed!r}")
+    n_test = _test_slices(n_per_class, n_test_per_class)
+    n_train = n_per_class - n_test
+    need = {lab: n_test + -(-n_train // slices_per_patient) for lab in LABELS}  # patients per class
     rng = np.random.default_rng([seed, 0])
-    need = {lab: n_per_class for lab in LABELS}
-    out, cand = [], 0
-    while any(need.values()):
+    by_label: dict = {lab: [] for lab in LABELS}
+    cand = 0
+    while any(len(by_label[lab]) < need[lab] for lab in LABELS):
         p = _draw_patient(rng, cand)
         cand += 1
-        if need[p.label] == 0:
-            continue
-        p.n_slices = min(slices_per_patient, need[p.label])
-        need[p.label] -= p.n_slices
-        out.append(p)
-    width = max(5, len(str(len(out))))
-    for i, p in enumerate(out, 1):
-        p.patient_id = f"SYN{i:0{width}d}"
-    return out
-
-
-def _split_patients(df: pd.DataFrame, test_fraction: float = 0.2, seed: int = 0) -> pd.Series:
-    """Patient-level split stratified by label: per class, patients in a seeded random order join
-    test while its slice count stays within round(test_fraction * class slices) (SPEC 3: 80/20).
-
-    Unlike :func:`osteo.manifest.split_patients` (which counts patients, for real data), this counts
-    slices, so the synthetic set has exactly the paper's 300 test slices per class."""
-    split = pd.Series("train", index=df.index, dtype=object)
-    rng = np.random.default_rng([seed, 3])
+        if len(by_label[p.label]) < need[p.label]:
+            by_label[p.label].append(p)
+    split_rng = np.random.default_rng([seed, 3])
     for lab in LABELS:
-        sub = df[df["label"] == lab]
-        if sub.empty:
-            continue
-        counts = sub.groupby("patient_id", sort=True).size()
-        target = int(round(test_fraction * len(sub)))
-        chosen, total = [], 0
-        for pid in counts.index[rng.permutation(len(counts))]:
-            if total + counts[pid] <= target:
-                chosen.append(pid)
-                total += counts[pid]
-        if not chosen:  # tiny classes: at least one test patient
-            chosen = [counts.index[0]]
-        split[sub.index[sub["patient_id"].isin(chosen)]] = "test"
-    return split
+        ps = [by_label[lab][i] for i in split_rng.permutation(len(by_label[lab]))]
+        left = n_train
+        for i, p in enumerate(ps):
+            if i < n_test:
+                p.split, p.n_slices = "test", 1
+            else:
+                p.split, p.n_slices = "train", min(slices_per_patient, left)
+                left -= p.n_slices
+    out = [p for lab in LABELS for p in by_label[lab]]
+    order = np.random.default_rng([seed, 4]).permutation(len(out))
+    width = max(5, len(str(len(out))))
+    for rank, i in enumerate(order, 1):
+        out[i].patient_id = f"SYN{rank:0{width}d}"
+    return sorted(out, key=lambda q: q.patient_id)
 
 
 # ---- shapes: signed distances (mm, negative inside) in the vertebra's frame --------------------
@@ -1200,7 +1206,7 @@ def _patient_rows(job) -> list[dict]:
         rel = f"{p.label}/{p.patient_id}_{k}.dcm"
         (out / rel).write_bytes(writer.slice_bytes(hu, k))
         rows.append(dict(
-            path=rel, label=p.label, patient_id=p.patient_id, bone_density=p.density, dxa_tscore=p.tscore,
+            path=rel, label=p.label, patient_id=p.patient_id, split=p.split, bone_density=p.density, dxa_tscore=p.tscore,
             trabecular_hu=round(st["trabecular_hu"], 2), kvp=p.kvp, contrast=p.contrast, noise_sd=p.noise_sd,
             pixel_spacing=p.pixel_spacing, slice_thickness=p.slice_thickness, age=p.age, sex=p.sex,
             roi_hu=round(st["roi_hu"], 2), roi_sd=round(st["roi_sd"], 2), bv_tv=round(st["bv_tv"], 4),
@@ -1216,12 +1222,13 @@ def _patient_rows(job) -> list[dict]:
 
 def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0, slices_per_patient: int = 5,
                progress: bool = True, overwrite: bool = False, workers: int = 1,
-               confounders=True) -> pd.DataFrame:
+               confounders=True, n_test_per_class: int | None = None) -> pd.DataFrame:
     """Write the synthetic lumbar CT set as DICOM (``out_dir/<label>/<patient>_<k>.dcm``) and
     ``out_dir/manifest.csv``; return the manifest.
 
-    Exactly ``n_per_class`` slices per class (SPEC 3: 1500), ``slices_per_patient`` neighbouring
-    levels per patient, a patient-level 80/20 split stratified by label. Deterministic from ``seed``
+    Exactly ``n_per_class`` slices per class (SPEC 3: 1500), of which ``n_test_per_class`` (default
+    20 %) are test slices, one per test patient; training patients have ``slices_per_patient``
+    neighbouring levels. Patient ids, file names and row order are independent of the label. Deterministic from ``seed``
     (byte-identical files, whatever ``workers``). The manifest is written last (temporary file +
     rename), so an interrupted run leaves no manifest pointing at missing files. An existing manifest
     is an error unless ``overwrite=True``, which first removes the old manifest and the files it
@@ -1237,7 +1244,7 @@ def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0,
         raise ValueError(f"synthesize: size must be >= 32 pixels, got {size}")
     out = Path(out_dir)
     man = out / "manifest.csv"
-    patients = _cohort(n_per_class, seed, slices_per_patient)  # validates the counts first
+    patients = _cohort(n_per_class, seed, slices_per_patient, n_test_per_class)  # validates the counts first
     conf = _confounder_set(confounders)
     if man.exists():
         if not overwrite:
@@ -1276,9 +1283,7 @@ def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0,
             if pool is not None:
                 pool.terminate()
                 pool.join()
-    df = pd.DataFrame(rows)
-    df.insert(3, "split", _split_patients(df, 0.2, seed))
-    df = df[list(MANIFEST_COLUMNS)]
+    df = pd.DataFrame(rows)[list(MANIFEST_COLUMNS)]
     tmp = out / "manifest.csv.tmp"
     df.to_csv(tmp, index=False)
     os.replace(tmp, man)
@@ -1286,14 +1291,15 @@ def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0,
 
 
 def debug_slice(patient_id: str, k: int = 0, n_per_class: int = 1500, size: int = 256, seed: int = 0,
-                slices_per_patient: int = 5, confounders=True) -> dict:
-    """Re-render one slice of ``synthesize(..., n_per_class, size, seed, slices_per_patient)`` with its
+                slices_per_patient: int = 5, confounders=True,
+                n_test_per_class: int | None = None) -> dict:
+    """Re-render one slice of ``synthesize(..., n_per_class, size, seed, slices_per_patient, n_test_per_class=...)`` with its
     ground truth: ``hu`` (as in the file), ``phantom`` (noise-free, before blur), ``blurred``, ``noise``,
     masks ``fat``, ``muscle``, ``trabecular`` (the mask of ``trabecular_hu``), ``roi`` (of ``roi_hu``),
     ``vertebra`` (bone of the vertebra, for masking it out), ``texture`` (the noise-free trabecular
     pattern on the patient's fixed texture window), ``organs`` (masks of liver, spleen, kidney where
     present), ``anatomy`` and ``stats``. For tests and figures."""
-    for p in _cohort(n_per_class, seed, slices_per_patient):
+    for p in _cohort(n_per_class, seed, slices_per_patient, n_test_per_class):
         if p.patient_id == patient_id:
             break
     else:

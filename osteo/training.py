@@ -129,6 +129,7 @@ class TrainResult:
     versions: dict = field(default_factory=dict)
     engine: str = ""
     synthetic_version: str = ""  # the synthetic generator's version ("" for real data or a result made before versions)
+    test_patient_id: list = field(default_factory=list)  # pseudonymised patient of each test slice (as y_true)
 
     @property
     def accuracy(self) -> float:
@@ -136,6 +137,7 @@ class TrainResult:
 
     @property
     def accuracy_ci95(self) -> list:
+        """95 % interval of the accuracy: over patients when the test slices' patients are known."""
         return self.test[self.main_head]["accuracy_ci95"]
 
     def to_json(self, path) -> None:
@@ -366,8 +368,17 @@ def evaluate(model, cfg: TrainConfig, data: SliceSet, device=None, batch_size: i
         model.train(was_training)
     preds = {h: torch.cat(p).cpu().numpy() for h, p in preds.items()}
     y = data.y.cpu().numpy()
-    metrics = {h: classification_report(y, p, cfg.num_classes, LABELS) for h, p in preds.items()}
+    groups = list(data.patient_id) if len(data.patient_id) == len(y) else None  # patient-level intervals
+    metrics = {h: classification_report(y, p, cfg.num_classes, LABELS, groups=groups) for h, p in preds.items()}
     return metrics, {h: p.tolist() for h, p in preds.items()}
+
+
+def _pseudonymous(patient_id) -> str:
+    """A patient id fit for a result file: synthetic ids and pseudonyms as they are, anything else pseudonymised."""
+    from .privacy import is_pseudonym, is_synthetic_id, pseudonymize
+
+    pid = str(patient_id)
+    return pid if is_synthetic_id(pid) or is_pseudonym(pid) else pseudonymize(pid)
 
 
 def _versions() -> dict:
@@ -684,6 +695,7 @@ def train(
         data=data.describe(),
         versions=_versions(),
         synthetic_version=getattr(data, "synthetic_version", ""),
+        test_patient_id=[_pseudonymous(p) for p in data.test.patient_id],
     )
     if result_path is not None:
         result.to_json(result_path)

@@ -43,20 +43,32 @@ def test_runs_are_cached_by_config_and_data(tmp_path, monkeypatch):
     assert bigger.run_dir(cfg) != exp.run_dir(cfg)
 
 
-def _result(acc_correct, n=10, seed=0):
+def _result(acc_correct, n=10, seed=0, groups=None):
     y = [0] * n
     pred = [0] * acc_correct + [1] * (n - acc_correct)
-    rep = osteo.classification_report(y, pred, labels=osteo.LABELS)
+    groups = groups or [f"SYN{i // 2:05d}" for i in range(n)]  # two slices per patient
+    rep = osteo.classification_report(y, pred, labels=osteo.LABELS, groups=groups)
     return TrainResult(config={"seed": seed, "epochs": 1}, history=[], test={"main": rep}, main_head="main", y_true=y,
-                       predictions={"main": pred}, alpha=None, pretrained_used=False, device="cpu", seconds=0.0)
+                       predictions={"main": pred}, alpha=None, pretrained_used=False, device="cpu", seconds=0.0,
+                       test_patient_id=list(groups))
 
 
-def test_summarise_pools_seeds(tmp_path):
+def test_summarise_reports_seeds_as_seeds_and_patients_as_the_unit(tmp_path):
     row = summarise("m", [_result(6, seed=0), _result(8, seed=1)], paper_acc=70.0)
     assert row["acc"] == 70.0 and row["per_seed"] == [60.0, 80.0] and row["seeds"] == [0, 1]
-    lo, hi = osteo.metrics.wilson_interval(14, 20)
-    assert (row["ci95_low"], row["ci95_high"]) == (round(lo * 100, 2), round(hi * 100, 2))
     assert row["gap_to_paper"] == 0.0 and row["seed_sd"] == pytest.approx(14.14, abs=0.01)
+    # two-level bootstrap (seeds, then the 5 patients), never Wilson on 20 "independent" slices
+    mean, lo, hi = osteo.accuracy_ci_seeds([0] * 10, [[0] * 6 + [1] * 4, [0] * 8 + [1] * 2],
+                                           [f"SYN{i // 2:05d}" for i in range(10)])
+    assert (row["ci95_low"], row["ci95_high"]) == (round(lo * 100, 2), round(hi * 100, 2))
+    wl, wh = osteo.metrics.wilson_interval(14, 20)
+    assert hi - lo > wh - wl
+    assert row["n_patients"] == 5 and row["n_slices"] == 10 and "seeds and patients" in row["interval"]
+    one = summarise("m", [_result(6)], paper_acc=None)
+    assert one["interval"] == "patients (one seed: test-set sampling only)" and one["seed_sd"] is None
+    assert (one["ci95_low"], one["ci95_high"]) == tuple(round(100 * v, 2) for v in _result(6).accuracy_ci95)
+    with pytest.raises(ValueError, match="different slices"):
+        summarise("m", [_result(6), _result(6, groups=[f"SYN{i:05d}" for i in range(10)])], paper_acc=None)
     exp = Experiments(TINY, results_dir=tmp_path, data_dir=tmp_path / "data", progress=False)
     exp.save_table("table2", pd.DataFrame([dict(row, model=label, paper_acc=p) for label, _, p in TABLES["table2"]["rows"]]))
     text = write_report(exp.out).read_text()
@@ -77,10 +89,11 @@ def _fake_train(calls):
         y = [0, 1, 2] * 4
         some = [0, 1, 2] * 3 + [1, 2, 0]
         heads = {"f": some, "s": [0] * 12, "t": y} if cfg.model == "twin" else {"main": some}
-        test = {h: osteo.classification_report(y, p, labels=osteo.LABELS) for h, p in heads.items()}
+        groups = [f"SYN{i:05d}" for i in range(12)]
+        test = {h: osteo.classification_report(y, p, labels=osteo.LABELS, groups=groups) for h, p in heads.items()}
         res = TrainResult(config=cfg.to_dict(), history=[], test=test, main_head=next(iter(heads)), y_true=y,
                           predictions=heads, alpha=0.5 if cfg.model == "twin" else None, pretrained_used=False,
-                          device="fake", seconds=0.0)
+                          device="fake", seconds=0.0, test_patient_id=groups)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         res.to_json(Path(out_dir) / "result.json")
         return res
@@ -144,8 +157,12 @@ def test_grid_command_saves_complete_tables_and_reports_the_rest(tmp_path, monke
     assert (t2["acc"] == 75.0).all() and t2["per_seed"].str.contains("75.0, 75.0").all()
     fig3 = pd.read_csv(tables / "fig3.csv")  # G_s says "normal" always, G_t is always right
     assert list(fig3["normal"]) == [100.0, 100.0, 100.0, 100.0] and list(fig3["osteopenia"]) == [0.0, 100.0] * 2
-    mc = pd.read_csv(tables / "mcnemar.csv")
-    assert list(mc["seed"]) == [0, 1] and (mc["b"] == 0).all() and (mc["c"] == 0).all()
+    paired = pd.read_csv(tables / "paired.csv")  # every claim of Tables 2 and 3: seeds 0, 1 and combined
+    from osteo.experiments import paper_claims
+
+    n_claims = len(paper_claims("table2")) + len(paper_claims("table3"))
+    assert len(paired) == 3 * n_claims and list(paired["seed"][:3]) == ["0", "1", "all"]
+    assert (paired["diff"] == 0).all() and (paired["p_value"] == 1).all() and (paired["holds"] == "not shown").all()
     report = (tmp_path / "results" / "tiny" / "REPORT.md").read_text()
     assert "seeds 0, 1 (the profile's own seeds are 0). A tiny test profile." in report
     assert "## Not run yet" in report and "Table 4, Table 5" in report and "Trained on: fake." in report
@@ -214,3 +231,11 @@ def test_paper_profile_on_a_cpu_warns(monkeypatch, capsys):
     assert [Path(nb).name[:2] for nb in ran] == ["01", "09"]  # the warning does not stop it (cached runs)
     assert "warning: profile paper without a CUDA GPU" in capsys.readouterr().err
     assert "without a CUDA GPU" in osteo.plots.setup_summary(Experiments("paper"))
+
+
+def test_a_claim_holds_only_when_interval_and_exact_test_agree():
+    from osteo.experiments import verdict
+
+    assert verdict(0.01, 0.09, 0.01) == "yes" and verdict(-0.09, -0.01, 0.01) == "no: B better"
+    assert verdict(-0.01, 0.09, 0.04) == "not shown"  # the interval holds 0
+    assert verdict(0.01, 0.09, 0.2) == "not shown"  # a narrow bootstrap on few patients, the exact test disagrees

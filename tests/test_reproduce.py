@@ -40,6 +40,7 @@ def test_every_table_has_its_rows_with_numbers(batch):
         for r, (_, _, paper) in zip(rows, spec["rows"]):
             assert r["paper_acc"] == paper
             assert 0 <= r["ci95_low"] <= r["acc"] <= r["ci95_high"] <= 100
+            assert r["n_patients"] == r["n_slices"] and "patients" in r["interval"]  # one slice per test patient
             assert r["gap_to_paper"] == pytest.approx(r["acc"] - paper, abs=0.02)
             assert len(r["per_seed"]) == len(r["seeds"]) == 1
 
@@ -49,8 +50,9 @@ def test_extra_tables_and_figures(batch):
     assert sorted(r["head"][:3] for r in fig3) == ["G_s", "G_t"]  # one seed in smoke
     for r in fig3:
         assert all(0 <= r[c] <= 100 for c in ("normal", "osteopenia", "osteoporosis", "overall"))
-    mc = json.loads((OUT / "tables" / "mcnemar.json").read_text())["rows"]
-    assert mc and all(0 <= r["p_value"] <= 1 for r in mc)
+    paired = json.loads((OUT / "tables" / "paired.json").read_text())["rows"]
+    assert paired and all(0 <= r["p_value"] <= 1 and r["ci95_low"] <= r["diff"] <= r["ci95_high"] for r in paired)
+    assert {r["holds"] for r in paired} <= {"yes", "not shown", "no: B better"}
     for f in FIGURES:
         p = OUT / "figures" / f"{f}.png"
         assert p.is_file() and p.stat().st_size > 5000, p

@@ -442,3 +442,47 @@ def test_figure_synthetic_beside_real_slices(small):
     assert "noise power (normalised)" in titles and "HU histograms" in titles
     with pytest.raises(ValueError, match="no slice at level"):
         synthetic_vs_real(out, levels=("L9",))
+
+
+# ---- patients: ids carry no label, test patients give one slice each ----------------------------
+def test_test_patients_give_one_slice_and_training_patients_several(small, big):
+    for df, spp in ((small[1], 5), (big, 2)):
+        per = df.groupby("patient_id").agg(n=("label", "size"), split=("split", "first"),
+                                           splits=("split", "nunique"), label=("label", "first"))
+        assert (per["splits"] == 1).all()
+        assert (per.loc[per.split == "test", "n"] == 1).all()
+        train = per[per.split == "train"]
+        for lab in LABELS:  # full patients of spp slices, at most one smaller remainder per class
+            n = train.loc[train.label == lab, "n"]
+            assert (n == spp).sum() >= len(n) - 1 and n.max() == spp
+        n_class = len(df) // 3
+        assert (per[per.split == "test"]["label"].value_counts() == round(0.2 * n_class)).all()
+
+
+def test_patient_ids_file_names_and_row_order_carry_no_label():
+    from osteo.synthetic import _cohort
+
+    for seed in (0, 1):
+        pats = _cohort(1500, seed, 5)
+        ids = [p.patient_id for p in pats]
+        assert ids == sorted(ids) == [f"SYN{i:05d}" for i in range(1, len(pats) + 1)]  # rows in id order
+        num = np.array([int(i[3:]) for i in ids], float)
+        lab = np.array([LABELS.index(p.label) for p in pats])
+        split = np.array([p.split == "test" for p in pats])
+        n = len(num)
+        for mask in [lab == c for c in range(3)] + [split, ~split]:
+            # a random permutation: the mean id of a group of m patients has SD ~ n / sqrt(12 m)
+            assert abs(num[mask].mean() - num.mean()) < 4 * n / np.sqrt(12 * mask.sum())
+        tercile = np.minimum(3 * (num - 1) // n, 2).astype(int)
+        best = max((tercile == np.array(perm)[lab]).mean() for perm in
+                   [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
+        assert best < 0.38  # chance is 1/3 (the old generator's ids allowed 46 %)
+
+
+def test_test_size_is_set_apart_from_the_training_size(tmp_path):
+    df = synthesize(tmp_path, n_per_class=9, n_test_per_class=5, size=48, slices_per_patient=2, progress=False)
+    test = df[df.split == "test"]
+    assert len(test) == 15 and test["patient_id"].nunique() == 15 and (df.split == "train").sum() == 12
+    assert set(df.loc[df.split == "train", "patient_id"]).isdisjoint(test["patient_id"])
+    with pytest.raises(ValueError, match="n_test_per_class"):
+        synthesize(tmp_path / "x", n_per_class=4, n_test_per_class=5, progress=False)

@@ -33,6 +33,11 @@ def test_single_network_trains(separable):
     assert res.main_head == "main" and res.alpha is None
     assert res.history[-1]["loss_total"] < res.history[0]["loss_total"]
     assert "loss_acm" in res.history[0]
+    # the result keeps each test slice's patient, aligned with y_true: intervals are over patients
+    assert res.test_patient_id == separable.test.patient_id and len(res.y_true) == len(res.test_patient_id)
+    acc, lo, hi = osteo.accuracy_ci(res.y_true, res.predictions["main"], res.test_patient_id)
+    assert res.accuracy_ci95 == [lo, hi] and res.accuracy == pytest.approx(acc)
+    assert res.test["main"]["n_patients"] == len(set(separable.test.patient_id)) and "patient" in res.test["main"]["interval"]
 
 
 def test_same_seed_same_result(separable):

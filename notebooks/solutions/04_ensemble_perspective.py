@@ -22,7 +22,7 @@ for label, results in runs.items():
     row = summarise(label, results, None)
     print(f"{label:30} {row['acc']:.2f} % [{row['ci95_low']:.1f}, {row['ci95_high']:.1f}]; "
           f"last-epoch cos(g_s, g_t) {np.mean([r.history[-1]['loss_dis'] for r in results]):+.3f}")
-right = {label: np.concatenate([np.asarray(r.predictions["f"]) == np.asarray(r.y_true) for r in results])
-         for label, results in runs.items()}
-test = osteo.mcnemar(right["(x_t, x_t), with L_dis"], right["(x_t, x_t), no L_dis"])
-print(f"McNemar, with vs without L_dis on (x_t, x_t): {test['b']} vs {test['c']} slices, p = {test['p_value']:.3f}")
+a, b = runs["(x_t, x_t), with L_dis"], runs["(x_t, x_t), no L_dis"]
+c = osteo.compare_seeds(a[0].y_true, [r.predictions["f"] for r in a], [r.predictions["f"] for r in b], a[0].test_patient_id)
+print(f"with minus without L_dis on (x_t, x_t): {100 * c.diff:+.1f} points "
+      f"(95 % CI {100 * c.lo:+.1f} to {100 * c.hi:+.1f}), p = {c.p:.2f}")

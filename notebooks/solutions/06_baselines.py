@@ -12,7 +12,7 @@ exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a 
 # %% [markdown]
 # ## Exercise 1: the baseline closest to Ours
 # "Closest" by mean accuracy; whether the gap is real is a question for a paired test on the same test
-# slices (McNemar, pooled over the seeds), not for the overlap of two intervals.
+# patients, combined over the seeds (`osteo.compare_seeds`), not for the overlap of two intervals.
 
 # %%
 table5 = exp.table("table5", save=False)  # from the cache after notebook 06
@@ -23,12 +23,11 @@ print(f"closest to Ours ({ours_acc:.2f} %): {closest['model']} ({closest['acc']:
 overrides = next(o for label, o, _ in TABLES["table5"]["rows"] if label == closest["model"])
 
 
-def right(results):
-    return np.concatenate([np.asarray(r.predictions[r.main_head]) == np.asarray(r.y_true) for r in results])
-
-
-test = osteo.mcnemar(right(exp.run_seeds(**OURS)), right(exp.run_seeds(**overrides)))
-print(f"McNemar: {test['b']} slices only Ours gets right, {test['c']} only {closest['model']}; p = {test['p_value']:.3f}")
+a, b = exp.run_seeds(**OURS), exp.run_seeds(**overrides)
+c = osteo.compare_seeds(a[0].y_true, [r.predictions[r.main_head] for r in a], [r.predictions[r.main_head] for r in b],
+                        a[0].test_patient_id)
+print(f"Ours minus {closest['model']}: {100 * c.diff:+.1f} points (95 % CI {100 * c.lo:+.1f} to {100 * c.hi:+.1f}), "
+      f"p = {c.p:.2f}")
 
 # %% [markdown]
 # ## Exercise 2: the threshold rule on the DXA T-score
