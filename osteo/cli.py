@@ -7,6 +7,7 @@
     osteo report --profile P                                          rebuild results/P/REPORT.md
     osteo predict CHECKPOINT PATH... [--out predictions.csv --gradcam DIR]
     osteo bench [--image-size 224 --batch-size 128]                   training throughput table
+    osteo weights status | download [NETWORK...] | import FILE...       ImageNet weights (offline machines)
 """
 from __future__ import annotations
 
@@ -182,6 +183,58 @@ def _cmd_bench(a) -> int:
     return 0
 
 
+def _error(message: str) -> None:
+    print(f"osteo: error: {message}", file=sys.stderr)
+
+
+def _cmd_weights(a) -> int:
+    from . import weights as w
+
+    if a.action == "status":
+        rows = w.status()
+        print(f"torch cache: {w.cache_dir()}")
+        width = max(len(r["file"]) for r in rows)
+        for r in rows:
+            print(f"{r['network']:<16} {r['file']:<{width}}  {r['state']:<13} {r['sha256']}".rstrip())
+        bad = set()
+        for r in rows:
+            if r["state"] == "HASH MISMATCH" and r["file"] not in bad:
+                bad.add(r["file"])
+                wf = w.weights_file(r["network"])
+                _error(f"{w.cache_dir() / wf.name}: sha256 {r['sha256']} does not match the published hash "
+                       f"{wf.sha256_prefix}... of {wf.name}; delete it, then `osteo weights download {r['network']}` "
+                       f"or `osteo weights import FILE`")
+        return 1 if bad else 0
+    failed = 0
+    if a.action == "download":
+        nets = a.networks or list(w.NETWORKS)
+        unknown = [n for n in nets if n not in w.NETWORKS]
+        if unknown:
+            _error(f"{unknown[0]}: no ImageNet weights known for this network; known: {', '.join(w.NETWORKS)}")
+            return 2
+        done = set()
+        for net in nets:
+            wf = w.weights_file(net)
+            if wf.name in done:
+                continue
+            done.add(wf.name)
+            try:
+                path = w.download(wf, base_url=a.url, progress=True)
+                print(f"{wf.name}: verified (sha256 {w.sha256_file(path)}), in {path.parent}")
+            except w.WeightsError as e:
+                _error(str(e))
+                failed += 1
+    else:  # import
+        for src in a.files:
+            try:
+                dest = w.import_file(src)
+                print(f"{src}: verified as {dest.name} (sha256 {w.sha256_file(dest)}), copied to {dest.parent}")
+            except w.WeightsError as e:
+                _error(str(e))
+                failed += 1
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osteo", description="osteo-kit: reproduce Choi et al. 2021 (twin ResNet18+ACM).")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -241,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--gradcam", default=None, help="folder for one Grad-CAM PNG per slice")
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_cmd_predict)
+
+    wp = sub.add_parser("weights", help="ImageNet weights: status, download, import (for offline machines)")
+    wsub = wp.add_subparsers(dest="action", required=True)
+    wsub.add_parser("status", help="which networks' weights are in the torch cache and match their published hash")
+    wd = wsub.add_parser("download", help="download and verify the weights of all (or the named) networks")
+    wd.add_argument("networks", nargs="*", metavar="NETWORK",
+                    help="resnet18, resnet18_acm, inception_v3, efficientnet_b0, vit_b_16, xception; default: all")
+    wd.add_argument("--url", default=None, help="a folder URL holding the same file names (a mirror); "
+                                                "default: OSTEO_WEIGHTS_URL, else the publishers'")
+    wi = wsub.add_parser("import", help="copy checkpoint files carried to this machine into the torch cache, verified")
+    wi.add_argument("files", nargs="+", metavar="FILE")
+    wp.set_defaults(func=_cmd_weights)
 
     b = sub.add_parser("bench", help="training throughput vs plain ResNet18s (options: osteo bench --help)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
