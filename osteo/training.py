@@ -115,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.report_epoch must be 'last' or 'best_on_test', got {self.report_epoch!r}")
         if self.window_bits not in WINDOW_BITS:
             raise ValueError(f"TrainConfig.window_bits must be None (float windows) or 8, got {self.window_bits!r}")
+        if self.window_bits is not None:
+            self.window_bits = int(self.window_bits)  # 8.0 from a JSON file: the same config, the same key
         if self.augment:
             raise NotImplementedError("augmentation is not implemented (the paper names none); use augment=False")
 
@@ -149,8 +151,9 @@ class TrainResult:
 
     ``history`` has one record per epoch: learning rate, training accuracy, the mean of each loss
     term over the epoch's batches (for the twin, ``loss_dis`` is the mean cos(g_s, g_t) of the
-    training batches, Eq. 4, also when lambda is 0) and alpha; with ``report_epoch="best_on_test"``
-    also ``test_acc``, the test accuracy after that epoch.
+    training batches, Eq. 4, also when lambda is 0) and alpha; the first record of a twin also has
+    ``cos_start``, cos(g_s, g_t) on the first batch before any update; with
+    ``report_epoch="best_on_test"`` every record has ``test_acc``, the test accuracy after that epoch.
     """
 
     config: dict
@@ -573,6 +576,8 @@ def train(
         rec.update({f"loss_{k}": float(v) for k, v in zip(names, values.mean(0))})
         if cfg.model == "twin":
             rec["alpha"] = float(model.alpha.detach())
+            if epoch == 0:  # cos(g_s, g_t) on the first batch, before any update: where the cosine starts
+                rec["cos_start"] = float(values[0, names.index("dis")])
         if cfg.report_epoch == "best_on_test":  # a pitfall, on request: model selection on the test set
             m_e, p_e = evaluate(model, cfg, data.test, device, grouped=engine.grouped)
             rec["test_acc"] = m_e[main_head]["accuracy"]
