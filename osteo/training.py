@@ -426,7 +426,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def load_model(path, device="cpu") -> tuple[torch.nn.Module, TrainConfig]:
     """Rebuild the trained network of a checkpoint (for prediction and Grad-CAM)."""
     state = load_checkpoint(path)
-    cfg = TrainConfig.from_dict({**state["config"], "pretrained": False})
+    # the checkpoint holds every weight: build the bare architecture (no ImageNet files, no init)
+    cfg = TrainConfig.from_dict({**state["config"], "pretrained": False, "init": "independent"})
     model = make_model(cfg)
     try:
         model.load_state_dict(state["model"])

@@ -194,8 +194,12 @@ def download(network_or_file, base_url: str | None = None, timeout: float | None
     url = source_url(wf, base_url)
     timeout = timeout_s() if timeout is None else float(timeout)
     resp = _open(url, timeout)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{wf.name}.", suffix=".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{wf.name}.", suffix=".part")
+    except OSError as e:
+        resp.close()
+        raise WeightsError(f"{dest.parent}: cannot write {wf.name} there ({e.strerror or e})") from e
     try:
         expected = resp.headers.get("Content-Length")
         expected = int(expected) if expected and expected.isdigit() else None
@@ -229,6 +233,10 @@ def download(network_or_file, base_url: str | None = None, timeout: float | None
             raise WeightsError(f"{url}: sha256 {digest} does not match the published hash {wf.sha256_prefix}... "
                                f"of {wf.name}; nothing was saved")
         os.replace(tmp, dest)
+    except OSError as e:  # a full disk, a read-only cache
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise WeightsError(f"{dest}: cannot write the download ({e.strerror or e})") from e
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -298,9 +306,14 @@ def import_file(src) -> Path:
     copy goes to a temporary file first and is renamed into place.
     """
     src = Path(src)
+    if src.is_dir():
+        raise WeightsError(f"{src}: is a folder; name the checkpoint files in it")
     if not src.is_file():
         raise WeightsError(f"{src}: no such file")
-    digest = sha256_file(src)
+    try:
+        digest = sha256_file(src)
+    except OSError as e:
+        raise WeightsError(f"{src}: cannot read it ({e.strerror or e})") from e
     wf = _identify(digest)
     if wf is None:
         named = next((w for w in WEIGHTS.values() if w.name == src.name), None)
@@ -311,14 +324,21 @@ def import_file(src) -> Path:
         raise WeightsError(f"{src}: sha256 {digest} matches none of the published ImageNet weights ({known}); "
                            f"not imported")
     dest = cache_dir() / wf.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{wf.name}.", suffix=".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{wf.name}.", suffix=".part")
+    except OSError as e:
+        raise WeightsError(f"{src}: cannot write to {dest.parent} ({e.strerror or e}); not imported") from e
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
             shutil.copyfileobj(f, out, 1 << 20)
-        if sha256_file(tmp) != digest:  # the copy itself went wrong (disk full, a changing source)
+        if sha256_file(tmp) != digest:  # the copy itself went wrong (a changing source)
             raise WeightsError(f"{src}: the copy to {dest} differs from the file; not imported")
         os.replace(tmp, dest)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise WeightsError(f"{src}: cannot copy it to {dest} ({e.strerror or e}); not imported") from e
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -293,3 +293,16 @@ def test_8bit_network_input_and_config():
     assert (xs_8[1] - xs_f[1]).abs().max() <= 0.5 / 255 / min(0.229, 0.224, 0.225) + 1e-6  # at most half a level
     with pytest.raises(ValueError, match="bits must be None"):
         window(HU_RANGE, HU_MIN_S, bits=4)
+
+
+def test_a_checkpoint_of_an_imagenet_start_loads_without_the_weights(tmp_path):
+    from osteo.training import CHECKPOINT_FORMAT, load_model, save_checkpoint
+
+    cfg = TrainConfig(init="imagenet", image_size=32)
+    torch.manual_seed(0)
+    net = TwinNet(init="shared")
+    save_checkpoint(tmp_path / "c.pt", {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": 1,
+                                        "model": net.state_dict()})
+    model, loaded = load_model(tmp_path / "c.pt")  # no ImageNet file here, and none needed
+    assert loaded == cfg and loaded.init == "imagenet"
+    assert torch.equal(model.G_t.conv1.weight, net.G_t.conv1.weight)

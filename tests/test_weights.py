@@ -301,6 +301,8 @@ def test_import_refuses_a_mismatching_file(tiny, tmp_path, monkeypatch, capsys):
                           f"the published ImageNet weights (") and "\n" not in err
     assert main(["weights", "import", str(tmp_path / "absent.pth")]) == 1
     assert capsys.readouterr().err.strip() == f"osteo: error: {tmp_path / 'absent.pth'}: no such file"
+    assert main(["weights", "import", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"osteo: error: {tmp_path}: is a folder; name the checkpoint files in it"
     assert _cache_files() == []
 
 
