@@ -306,3 +306,16 @@ def test_a_checkpoint_of_an_imagenet_start_loads_without_the_weights(tmp_path):
     model, loaded = load_model(tmp_path / "c.pt")  # no ImageNet file here, and none needed
     assert loaded == cfg and loaded.init == "imagenet"
     assert torch.equal(model.G_t.conv1.weight, net.G_t.conv1.weight)
+
+
+def test_experiments_keep_slice_split_data_and_runs_apart(tmp_path):
+    from osteo.experiments import Experiments
+    from osteo.synthetic import synthesize
+
+    synthesize(tmp_path / "syn", n_per_class=6, size=32, seed=0, slices_per_patient=3, progress=False)
+    exp = Experiments("smoke", results_dir=tmp_path / "results", data_source=str(tmp_path / "syn" / "manifest.csv"),
+                      progress=False)
+    honest, leaky = exp.config(), exp.config(split="slice")
+    assert exp.data(honest.image_size).split == "patient" and exp.data(leaky.image_size, "slice").split == "slice"
+    assert exp.run_dir(honest) != exp.run_dir(leaky)
+    assert exp.run_dir(honest).name == honest.key(exp._ids[honest.image_size])  # the key of the honest data as before
