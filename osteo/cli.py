@@ -7,6 +7,7 @@
     osteo report --profile P                                          rebuild results/P/REPORT.md
     osteo predict CHECKPOINT PATH... [--out predictions.csv --gradcam DIR]
     osteo bench [--image-size 224 --batch-size 128]                   training throughput table
+    osteo weights status | download [NETWORK...] | import FILE...       ImageNet weights (offline machines)
 
 A mistake in the command or its input (a missing or damaged file, a foreign checkpoint, a bad
 option value) ends with one line ``osteo: error: <file>: <problem>`` on stderr and exit code 2;
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+
 class UserError(Exception):
     """A mistake in the command line or its input: shown as one ``osteo: error:`` line."""
 
@@ -31,8 +33,9 @@ def _user_error_types() -> tuple:
     from .manifest import ManifestError
     from .predict import PredictError
     from .training import CheckpointError, DeviceError
+    from .weights import WeightsError
 
-    types = [UserError, DicomError, ManifestError, CheckpointError, DeviceError, PredictError, OSError]
+    types = [UserError, DicomError, ManifestError, CheckpointError, DeviceError, PredictError, WeightsError, OSError]
     if "osteo.synthetic" in sys.modules:
         types.append(sys.modules["osteo.synthetic"].SyntheticError)
     return tuple(types)
@@ -277,6 +280,58 @@ def _cmd_bench(a) -> int:
     return 0
 
 
+def _error(message: str) -> None:
+    print(f"osteo: error: {message}", file=sys.stderr)
+
+
+def _cmd_weights(a) -> int:
+    from . import weights as w
+
+    if a.action == "status":
+        rows = w.status()
+        print(f"torch cache: {w.cache_dir()}")
+        width = max(len(r["file"]) for r in rows)
+        for r in rows:
+            print(f"{r['network']:<16} {r['file']:<{width}}  {r['state']:<13} {r['sha256']}".rstrip())
+        bad = set()
+        for r in rows:
+            if r["state"] == "HASH MISMATCH" and r["file"] not in bad:
+                bad.add(r["file"])
+                wf = w.weights_file(r["network"])
+                _error(f"{w.cache_dir() / wf.name}: sha256 {r['sha256']} does not match the published hash "
+                       f"{wf.sha256_prefix}... of {wf.name}; delete it, then `osteo weights download {r['network']}` "
+                       f"or `osteo weights import FILE`")
+        return 1 if bad else 0
+    failed = 0
+    if a.action == "download":
+        nets = a.networks or list(w.NETWORKS)
+        unknown = [n for n in nets if n not in w.NETWORKS]
+        if unknown:
+            _error(f"{unknown[0]}: no ImageNet weights known for this network; known: {', '.join(w.NETWORKS)}")
+            return 2
+        done = set()
+        for net in nets:
+            wf = w.weights_file(net)
+            if wf.name in done:
+                continue
+            done.add(wf.name)
+            try:
+                path = w.download(wf, base_url=a.url, progress=True)
+                print(f"{wf.name}: verified (sha256 {w.sha256_file(path)}), in {path.parent}")
+            except w.WeightsError as e:
+                _error(str(e))
+                failed += 1
+    else:  # import
+        for src in a.files:
+            try:
+                dest = w.import_file(src)
+                print(f"{src}: verified as {dest.name} (sha256 {w.sha256_file(dest)}), copied to {dest.parent}")
+            except w.WeightsError as e:
+                _error(str(e))
+                failed += 1
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osteo", description="osteo-kit: reproduce Choi et al. 2021 (twin ResNet18+ACM).",
                                 epilog="--debug (anywhere): show the Python traceback of any error")
@@ -341,6 +396,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--allow-unfinished", action="store_true",
                     help="predict with the checkpoint of a run stopped before its last epoch (with a warning)")
     pr.set_defaults(func=_cmd_predict)
+
+    wp = sub.add_parser("weights", help="ImageNet weights: status, download, import (for offline machines)")
+    wsub = wp.add_subparsers(dest="action", required=True)
+    wsub.add_parser("status", help="which networks' weights are in the torch cache and match their published hash")
+    wd = wsub.add_parser("download", help="download and verify the weights of all (or the named) networks")
+    wd.add_argument("networks", nargs="*", metavar="NETWORK",
+                    help="resnet18, resnet18_acm, inception_v3, efficientnet_b0, vit_b_16, xception; default: all")
+    wd.add_argument("--url", default=None, help="a folder URL holding the same file names (a mirror); "
+                                                "default: OSTEO_WEIGHTS_URL, else the publishers'")
+    wi = wsub.add_parser("import", help="copy checkpoint files carried to this machine into the torch cache, verified")
+    wi.add_argument("files", nargs="+", metavar="FILE")
+    wp.set_defaults(func=_cmd_weights)
 
     b = sub.add_parser("bench", help="training throughput vs plain ResNet18s (options: osteo bench --help)")
     b.add_argument("rest", nargs=argparse.REMAINDER)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .dicom import DicomError, read_hu
-from .manifest import LABELS, check_split, load_manifest, split_patients
+from .manifest import LABELS, check_split, load_manifest, split_patients, split_slices
 
 
 @dataclass
@@ -52,18 +52,20 @@ class SliceData:
     labels: tuple = LABELS
     source: str = ""
     synthetic_version: str = ""  # the generator's version for synthetic data ("" for real data)
+    split: str = "patient"  # how train and test were made: "patient", or "slice" (the leaky pitfall)
 
     def to(self, device) -> "SliceData":
         return SliceData(self.train.to(device), self.test.to(device), self.image_size, self.labels, self.source,
-                         self.synthetic_version)
+                         synthetic_version=self.synthetic_version, split=self.split)
 
     def describe(self) -> str:
         def counts(s: SliceSet) -> str:
             c = np.bincount(s.y.cpu().numpy(), minlength=len(self.labels))
             return ", ".join(f"{lab} {n}" for lab, n in zip(self.labels, c))
 
+        leak = ("; split BY SLICE: patients in both train and test" if self.split == "slice" else "")
         return (
-            f"{self.source}: {self.image_size} px; train {len(self.train)} slices "
+            f"{self.source}{leak}: {self.image_size} px; train {len(self.train)} slices "
             f"({len(set(self.train.patient_id))} patients: {counts(self.train)}); "
             f"test {len(self.test)} slices ({len(set(self.test.patient_id))} patients: {counts(self.test)})"
         )
@@ -105,21 +107,31 @@ def read_slices(paths, image_size: int, progress: bool = True, desc: str = "read
     return out
 
 
-def load_data(manifest, image_size: int = 224, cache_dir=None, progress: bool = True, seed: int = 0) -> SliceData:
+def load_data(manifest, image_size: int = 224, cache_dir=None, progress: bool = True, seed: int = 0,
+              split: str = "patient") -> SliceData:
     """Load a data set for training.
 
     ``manifest`` is a manifest CSV, a folder (one sub-folder per class), or a DataFrame from
     :func:`osteo.load_manifest`. Without a ``split`` column the patients are split 80/20,
     stratified by class, with ``seed``. ``cache_dir`` (default: a ``.cache`` folder beside the
     manifest) keeps the resized slices for the next call.
+
+    ``split="slice"`` is a pitfall made on purpose (for teaching): the manifest's own split is
+    ignored and the slices are split 80/20 by slice (:func:`osteo.manifest.split_slices`), so
+    neighbouring slices of one patient land in train and test.
     """
+    if split not in ("patient", "slice"):
+        raise ValueError(f"load_data: split must be 'patient' or 'slice', got {split!r}")
     if isinstance(manifest, pd.DataFrame):
         df, source = manifest, "DataFrame"
     else:
         df, source = load_manifest(manifest), str(Path(manifest).name)
-    if "split" not in df.columns or df["split"].isna().any():
-        df = split_patients(df, test_fraction=0.2, seed=seed)
-    check_split(df)
+    if split == "slice":
+        df = split_slices(df, test_fraction=0.2, seed=seed)
+    else:
+        if "split" not in df.columns or df["split"].isna().any():
+            df = split_patients(df, test_fraction=0.2, seed=seed)
+        check_split(df)
     paths = [str(p) for p in df["path"]]
     arr = None
     cache_file = None
@@ -155,4 +167,5 @@ def load_data(manifest, image_size: int = 224, cache_dir=None, progress: bool = 
     version = ""
     if "synthetic_version" in df.columns:
         version = "+".join(sorted(set(df["synthetic_version"].astype(str))))
-    return SliceData(subset("train"), subset("test"), image_size, LABELS, source, version)
+    return SliceData(subset("train"), subset("test"), image_size, LABELS, source,
+                     synthetic_version=version, split=split)

@@ -223,11 +223,13 @@ class Experiments:
                        progress=self.progress, overwrite=stale, n_test_per_class=p.n_test_per_class)
         return m
 
-    def data(self, image_size: int | None = None) -> SliceData:
+    def data(self, image_size: int | None = None, split: str = "patient") -> SliceData:
+        """The data at one image size, split by patient (or by slice, the pitfall ``TrainConfig.split``)."""
         size = image_size or self.profile.image_size
-        if size not in self._data:
-            self._data[size] = load_data(self.manifest(), image_size=size, progress=self.progress)
-        return self._data[size]
+        key = size if split == "patient" else (size, split)
+        if key not in self._data:
+            self._data[key] = load_data(self.manifest(), image_size=size, progress=self.progress, split=split)
+        return self._data[key]
 
     # ---- runs -------------------------------------------------------------------------------
     def config(self, seed: int = 0, **overrides) -> TrainConfig:
@@ -249,7 +251,7 @@ class Experiments:
 
     def run(self, cfg: TrainConfig) -> TrainResult:
         """Train (or load from the cache) one config."""
-        return train(cfg, self.data(cfg.image_size), out_dir=self.run_dir(cfg), progress=self.progress)
+        return train(cfg, self.data(cfg.image_size, cfg.split), out_dir=self.run_dir(cfg), progress=self.progress)
 
     def model(self, cfg: TrainConfig, device="cpu") -> tuple:
         """The trained network of one config and its result: ``(model, TrainResult)`` (Grad-CAM needs weights).
@@ -278,10 +280,10 @@ class Experiments:
 
     def run_dir(self, cfg: TrainConfig) -> Path:
         """The cache folder of one config on this data: ``results/<profile>/runs/<key>``."""
-        size = cfg.image_size
-        if size not in self._ids:
-            self._ids[size] = data_id(self.data(size))
-        return self.out / "runs" / cfg.key(self._ids[size])
+        key = cfg.image_size if cfg.split == "patient" else (cfg.image_size, cfg.split)
+        if key not in self._ids:
+            self._ids[key] = data_id(self.data(cfg.image_size, cfg.split))
+        return self.out / "runs" / cfg.key(self._ids[key])
 
     def run_seeds(self, **overrides) -> list:
         return [self.run(self.config(seed=s, **overrides)) for s in self.profile.seeds]

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .privacy import SYNTHETIC_MARKER_TAGS, is_synthetic_dataset, pseudonymize
 
-__all__ = ["LABELS", "SPLITS", "ManifestError", "load_manifest", "split_patients", "check_split"]
+__all__ = ["LABELS", "SPLITS", "ManifestError", "load_manifest", "split_patients", "split_slices", "check_split"]
 
 #: Class labels, ordered; the integer column ``y`` indexes this tuple.
 LABELS = ("normal", "osteopenia", "osteoporosis")
@@ -306,4 +306,41 @@ def split_patients(df: pd.DataFrame, test_fraction: float = 0.2, seed: int = 0) 
         test_patients.update(pats[j] for j in order[:n_test])
     _raise_problems("split_patients", problems)
     out["split"] = np.where(out["patient_id"].isin(test_patients), "test", "train")
+    return out
+
+
+def split_slices(df: pd.DataFrame, test_fraction: float = 0.2, seed: int = 0) -> pd.DataFrame:
+    """A copy of ``df`` split BY SLICE, stratified by label: a pitfall, for measuring it, never for results.
+
+    Any ``split`` already there is replaced. For each label its slices (in path order) are shuffled
+    with ``numpy.random.default_rng([seed, label index, 1])`` and the first ``round(test_fraction *
+    n)`` (half up; at least 1, at most n - 1) go to test, whatever their patient: neighbouring
+    slices of one patient end up in train and test, and a model can score by recognising the
+    patient rather than the bone. Use :func:`split_patients` for real experiments.
+    """
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    out = df.copy()
+    if not out.index.is_unique:
+        raise ManifestError("split_slices: the DataFrame index has duplicates; reset_index(drop=True) first")
+    problems = [
+        f"{_where(out, i)}: unknown label {out.at[i, 'label']!r} (allowed: {', '.join(LABELS)})"
+        for i in out.index
+        if out.at[i, "label"] not in LABELS
+    ]
+    _raise_problems("split_slices", problems)
+    split = pd.Series("train", index=out.index, dtype=object)
+    for k, lab in enumerate(LABELS):
+        rows = out.index[out["label"] == lab]
+        if len(rows) == 0:
+            continue
+        if len(rows) < 2:
+            problems.append(f"class {lab}: {len(rows)} slice, need at least 2 to have one in train and one in test")
+            continue
+        rows = sorted(rows, key=lambda i: str(out.at[i, "path"]))
+        n_test = min(max(_round_half_up(test_fraction * len(rows)), 1), len(rows) - 1)
+        order = np.random.default_rng([int(seed), k, 1]).permutation(len(rows))
+        split.loc[[rows[j] for j in order[:n_test]]] = "test"
+    _raise_problems("split_slices", problems)
+    out["split"] = split
     return out

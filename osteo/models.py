@@ -2,23 +2,23 @@
 
 Architecture and weights are kept apart: builders construct from scratch, then one function,
 :func:`load_imagenet_weights`, optionally loads ImageNet weights into them (SPEC 3: ``pretrained``
-is True, False or "auto"). Every built model carries ``model.pretrained_used`` (bool).
+is True, False or "auto"; :mod:`osteo.weights` finds, downloads and verifies the files). Every built
+model carries ``model.pretrained_used`` (bool) and ``model.imagenet_weights`` (file and sha256, or None).
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from . import weights
 from .acm import ACM, acm_orthogonality
 
 __all__ = [
-    "MODEL_NAMES", "XCEPTION_TIMM_NAME", "BasicBlockACM", "TwinNet", "TwinOutput", "build_model",
+    "MODEL_NAMES", "TWIN_INITS", "XCEPTION_TIMM_NAME", "BasicBlockACM", "TwinNet", "TwinOutput", "build_model",
     "default_image_size", "gradcam_layer", "imagenet_cache_path", "load_imagenet_weights", "resnet18_acm",
 ]
 
@@ -29,14 +29,6 @@ MODEL_NAMES = ("resnet18", "resnet18_acm", "xception", "inception_v3", "efficien
 #: ``xception41/65/71`` are the "aligned" DeepLab variants, not the network the paper names.
 XCEPTION_TIMM_NAME = "legacy_xception"
 
-# torchvision ImageNet weights per architecture (resnet18_acm uses ResNet18's for its ResNet part).
-_TV_WEIGHTS = {
-    "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet18_acm": tvm.ResNet18_Weights.IMAGENET1K_V1,
-    "inception_v3": tvm.Inception_V3_Weights.IMAGENET1K_V1,
-    "efficientnet_b0": tvm.EfficientNet_B0_Weights.IMAGENET1K_V1,
-    "vit_b_16": tvm.ViT_B_16_Weights.IMAGENET1K_V1,
-}
 # Checkpoint keys that are not loaded: the 1000-class ImageNet heads (our heads are new) and
 # Inception's auxiliary classifier (we build Inception-v3 without it).
 _HEAD_PREFIXES = {
@@ -51,63 +43,40 @@ def _check_pretrained(pretrained) -> None:
         raise ValueError(f"osteo/models.py: pretrained must be True, False or 'auto', got {pretrained!r}")
 
 
-def _weights_url(model: nn.Module, arch: str) -> str:
-    if arch in _TV_WEIGHTS:
-        return _TV_WEIGHTS[arch].url
-    if arch == "xception":
-        url = (getattr(model, "pretrained_cfg", None) or {}).get("url")
-        if url:
-            return url
-        raise RuntimeError(f"osteo/models.py: timm's {XCEPTION_TIMM_NAME} config names no weights URL in this timm version")
-    raise ValueError(f"osteo/models.py: no ImageNet weights known for architecture {arch!r}; known: {sorted(_HEAD_PREFIXES)}")
-
-
 def imagenet_cache_path(model: nn.Module, arch: str) -> str:
     """Where torch's hub cache keeps (or would keep) the ImageNet checkpoint of ``arch``."""
-    name = os.path.basename(urlparse(_weights_url(model, arch)).path)
-    return os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    return str(weights.cache_path(arch))
 
 
 def load_imagenet_weights(model: nn.Module, arch: str, pretrained) -> bool:
     """Load ImageNet weights into ``model`` (built from scratch by a builder here); returns whether it did.
 
-    ``pretrained``: False -> nothing; True -> the weights, downloaded to the torch hub cache if not
-    there yet (RuntimeError when that fails); "auto" -> the weights only if the checkpoint is already
-    in ``torch.hub.get_dir()/checkpoints`` (never downloads). Loading is non-strict: the ImageNet
+    ``pretrained``: False -> nothing, and never the network; True -> the weights from the torch
+    cache, downloaded there when missing (:class:`osteo.weights.WeightsError`, a RuntimeError, when
+    they cannot be had); "auto" -> the same, but when they cannot be had the model stays as built
+    (from scratch) with a warning that says why and how to get them. Files are used only when their
+    sha256 matches the published hash (:mod:`osteo.weights`). Loading is non-strict: the ImageNet
     heads are dropped (our heads keep their fresh init) and the only keys allowed to stay missing
     are those heads and the ACM modules; anything else is a RuntimeError. ViT position embeddings
     are interpolated when the image size differs from 224; Inception-v3 gets ``transform_input=True``
-    as torchvision sets for these weights. Sets ``model.pretrained_used``.
+    as torchvision sets for these weights. Sets ``model.pretrained_used`` and
+    ``model.imagenet_weights`` (``{"file": name, "sha256": hex}`` of the file loaded, or None).
     """
     _check_pretrained(pretrained)
-    used = False
-    if pretrained:
-        url = _weights_url(model, arch)
-        path = imagenet_cache_path(model, arch)
-        state = None
-        if pretrained == "auto":
-            if os.path.isfile(path):
-                try:
-                    state = torch.load(path, map_location="cpu", weights_only=True)
-                except Exception as e:  # a truncated download, a foreign file
-                    raise RuntimeError(f"osteo/models.py: cached ImageNet weights {path} could not be read "
-                                       f"({type(e).__name__}: {e}); delete the file or use pretrained=False") from e
-        else:
-            try:
-                if arch in _TV_WEIGHTS:
-                    state = _TV_WEIGHTS[arch].get_state_dict(progress=True, map_location="cpu")
-                else:
-                    state = torch.hub.load_state_dict_from_url(url, progress=True, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise RuntimeError(
-                    f"osteo/models.py: the ImageNet weights for {arch} could not be downloaded from {url} "
-                    f"({type(e).__name__}: {e}). Use pretrained=False (train from scratch) or pretrained='auto' "
-                    f"(use the weights only when already at {path})") from e
-        if state is not None:
-            _load_state(model, arch, state, source=path)
-            used = True
-    model.pretrained_used = used
-    return used
+    model.pretrained_used, model.imagenet_weights = False, None
+    if pretrained is False:
+        return False
+    found = weights.obtain(arch, required=pretrained is True)
+    if found is None:
+        return False
+    path, digest = found
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a verified file should always load; say which one did not
+        raise RuntimeError(f"{path}: ImageNet weights could not be read ({type(e).__name__}: {e})") from e
+    _load_state(model, arch, state, source=str(path))
+    model.pretrained_used, model.imagenet_weights = True, {"file": path.name, "sha256": digest}
+    return True
 
 
 def _load_state(model: nn.Module, arch: str, state: dict, source: str) -> None:
@@ -166,6 +135,19 @@ def resnet18_acm(num_classes: int = 3, pretrained=False) -> ResNet:
     return _resnet18_acm(num_classes, pretrained, features_only=False)
 
 
+#: How the twin's two backbones start (``TwinNet(init=...)``, ``TrainConfig.init``).
+TWIN_INITS = ("independent", "shared", "imagenet")
+
+
+def check_init(init, pretrained=None) -> None:
+    """ValueError for an unknown ``init``, or for ``init="imagenet"`` with ``pretrained=False``."""
+    if init not in TWIN_INITS:
+        raise ValueError(f"osteo/models.py: init must be one of {', '.join(map(repr, TWIN_INITS))}, got {init!r}")
+    if init == "imagenet" and pretrained is False:
+        raise ValueError("osteo/models.py: init='imagenet' starts both branches from ImageNet weights; "
+                         "pretrained=False contradicts it (use init='shared' for a random shared start)")
+
+
 class TwinOutput(NamedTuple):
     """Outputs of :class:`TwinNet`: logits of G_s, G_t and the fused head F (the prediction), and g_s, g_t."""
 
@@ -183,14 +165,31 @@ class TwinNet(nn.Module):
 
     ``alpha`` is an ``nn.Parameter`` (initial value ``alpha``) when ``learn_alpha``, else a buffer
     (fixed; Table 4); ``model.alpha`` is the tensor in both cases. Like the paper, alpha is not
-    clamped to [0, 1]. After each forward, ``model.acm_term`` is the (B,) sum of ACM's ``dp`` over
+    clamped to [0, 1].
+
+    ``init`` says how G_s and G_t start (see :data:`TWIN_INITS`): ``"independent"``, two random
+    initialisations, so channel k of g_s and of g_t are unrelated at the start; ``"shared"``, G_t
+    starts as a copy of G_s (every backbone weight equal, so cos(g_s, g_t) = 1 on one view): the
+    offline stand-in for the paper's ``"imagenet"``, both from ImageNet weights (which needs them,
+    as ``pretrained=True`` does). With ``pretrained`` True or "auto", ImageNet weights that load
+    replace the ResNet part of both branches under any ``init`` (``model.imagenet_weights`` says).
+    After each forward, ``model.acm_term`` is the (B,) sum of ACM's ``dp`` over
     both backbones (:func:`osteo.losses.acm_penalty`; not part of Eq. 5).
     """
 
-    def __init__(self, num_classes: int = 3, alpha: float = 0.5, learn_alpha: bool = True, pretrained=False):
+    def __init__(self, num_classes: int = 3, alpha: float = 0.5, learn_alpha: bool = True, pretrained=False,
+                 init: str = "independent"):
         super().__init__()
+        check_init(init, pretrained)
+        if init == "imagenet":
+            pretrained = True
         self.G_s = _resnet18_acm(1000, pretrained, features_only=True)
-        self.G_t = _resnet18_acm(1000, pretrained, features_only=True)
+        # built in every case, so the heads below draw the same random numbers whatever ``init`` is
+        self.G_t = _resnet18_acm(1000, False if init == "shared" else pretrained, features_only=True)
+        if init == "shared":
+            self.G_t.load_state_dict(self.G_s.state_dict())
+            self.G_t.pretrained_used, self.G_t.imagenet_weights = self.G_s.pretrained_used, self.G_s.imagenet_weights
+        self.init = init
         d = self.G_s.num_features
         self.head_s = nn.Linear(d, num_classes)
         self.head_t = nn.Linear(d, num_classes)
@@ -202,6 +201,7 @@ class TwinNet(nn.Module):
             self.register_buffer("alpha", a)
         self.learn_alpha = bool(learn_alpha)
         self.pretrained_used = bool(self.G_s.pretrained_used and self.G_t.pretrained_used)
+        self.imagenet_weights = self.G_s.imagenet_weights if self.pretrained_used else None
 
     def forward(self, x_s: torch.Tensor, x_t: torch.Tensor) -> TwinOutput:
         g_s = self.G_s(x_s)

@@ -210,14 +210,14 @@ def save_gradcam_png(model, cfg, hu: torch.Tensor, target: int, path: Path) -> P
 
     panels = []
     if cfg.model == "twin":
-        xs = {v: to_network_input(hu, v) for v in set(cfg.inputs)}
+        xs = {v: to_network_input(hu, v, bits=cfg.window_bits) for v in set(cfg.inputs)}
         a, b = xs[cfg.inputs[0]], xs[cfg.inputs[1]]
         cam_s = grad_cam(lambda p, q: model(p, q).logits_s, model.G_s.layer4[-1], a, b, target=target)
         cam_t = grad_cam(lambda p, q: model(p, q).logits_t, model.G_t.layer4[-1], a, b, target=target)
         panels = [(f"G_s on x_{cfg.inputs[0]}", cfg.inputs[0], cam_s), (f"G_t on x_{cfg.inputs[1]}", cfg.inputs[1], cam_t)]
     else:
         v = cfg.inputs[0]
-        cam = grad_cam(lambda p: model(p), gradcam_layer(model), to_network_input(hu, v), target=target)
+        cam = grad_cam(lambda p: model(p), gradcam_layer(model), to_network_input(hu, v, bits=cfg.window_bits), target=target)
         panels = [(f"{cfg.model} on x_{v}", v, cam)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
     for ax, (title, view, cam) in zip(axes[0], panels):

@@ -35,10 +35,19 @@ from .losses import acm_penalty, twin_loss_terms
 from .manifest import LABELS
 from .metrics import classification_report
 from .grouped import grouped_twin_forward
-from .models import TwinNet, build_model
+from .models import TwinNet, build_model, check_init
 from .windowing import to_network_input
 
 CHECKPOINT_FORMAT = "osteo-kit/1"
+
+
+#: The pitfall switches (all off by default): how the data are split, which epoch's test result is
+#: reported, and whether the windows are quantised to 8 bits as a PNG export would.
+SPLIT_MODES = ("patient", "slice")
+REPORT_EPOCHS = ("last", "best_on_test")
+WINDOW_BITS = (None, 8)
+#: Fields added after the first release, and their defaults (left out of ``to_dict`` when at them).
+ADDED_FIELDS = {"init": "independent", "split": "patient", "report_epoch": "last", "window_bits": None}
 
 
 @dataclass
@@ -53,6 +62,15 @@ class TrainConfig:
     mention. ``pretrained`` is True, False or "auto" (ImageNet weights if already downloaded).
     ``engine`` says how steps run, not what they compute (:class:`Engine`: "auto", "eager",
     "grouped", "compile", "grouped+compile", ..."+graphs").
+
+    ``init`` (twin only) is how G_s and G_t start: "independent", "shared" (the same random
+    weights) or "imagenet" (the paper's; needs the weights), see :class:`osteo.TwinNet`. Three
+    switches reproduce protocol choices that inflate accuracy, all off by default and recorded
+    in results when on: ``split="slice"`` (the data split by slice, so one patient's slices are in
+    train and test; the data must be loaded with ``load_data(..., split="slice")``),
+    ``report_epoch="best_on_test"`` (the test set is evaluated after every epoch and the best epoch
+    is reported: model selection on the test set) and ``window_bits=8`` (Eq. 1 rounded to 256 grey
+    levels, as in an 8-bit PNG export).
     """
 
     model: str = "twin"
@@ -73,6 +91,10 @@ class TrainConfig:
     amp: bool = True
     num_classes: int = 3
     engine: str = "auto"
+    init: str = "independent"
+    split: str = "patient"
+    report_epoch: str = "last"
+    window_bits: int | None = None
 
     def __post_init__(self):
         self.inputs = tuple(self.inputs)
@@ -89,12 +111,30 @@ class TrainConfig:
         if self.pretrained not in (True, False, "auto"):
             raise ValueError(f"TrainConfig.pretrained must be True, False or 'auto', got {self.pretrained!r}")
         Engine.parse(self.engine, torch.device("cuda"))  # spelling only; the device is checked by train()
+        check_init(self.init, self.pretrained)
+        if self.init != "independent" and self.model != "twin":
+            raise ValueError(f"TrainConfig.init {self.init!r} is for the twin; {self.model!r} has one backbone "
+                             "(use pretrained for its ImageNet weights)")
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"TrainConfig.split must be 'patient' or 'slice', got {self.split!r}")
+        if self.report_epoch not in REPORT_EPOCHS:
+            raise ValueError(f"TrainConfig.report_epoch must be 'last' or 'best_on_test', got {self.report_epoch!r}")
+        if self.window_bits not in WINDOW_BITS:
+            raise ValueError(f"TrainConfig.window_bits must be None (float windows) or 8, got {self.window_bits!r}")
+        if self.window_bits is not None:
+            self.window_bits = int(self.window_bits)  # 8.0 from a JSON file: the same config, the same key
         if self.augment:
             raise NotImplementedError("augmentation is not implemented (the paper names none); use augment=False")
 
     def to_dict(self) -> dict:
+        """The config as JSON-ready values. Fields added after the first release (:data:`ADDED_FIELDS`)
+        appear only when not at their default, so the results and run folders (:meth:`key`) made
+        before them keep their keys, and a result says when one of them was changed."""
         d = asdict(self)
         d["inputs"] = list(self.inputs)
+        for k, default in ADDED_FIELDS.items():
+            if d[k] == default:
+                del d[k]
         return d
 
     @classmethod
@@ -113,7 +153,14 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run produced: its config, per-epoch history and test metrics for each head."""
+    """What a run produced: its config, per-epoch history and test metrics for each head.
+
+    ``history`` has one record per epoch: learning rate, training accuracy, the mean of each loss
+    term over the epoch's batches (for the twin, ``loss_dis`` is the mean cos(g_s, g_t) of the
+    training batches, Eq. 4, also when lambda is 0) and alpha; the first record of a twin also has
+    ``cos_start``, cos(g_s, g_t) on the first batch before any update; with
+    ``report_epoch="best_on_test"`` every record has ``test_acc``, the test accuracy after that epoch.
+    """
 
     config: dict
     history: list
@@ -130,6 +177,8 @@ class TrainResult:
     engine: str = ""
     synthetic_version: str = ""  # the synthetic generator's version ("" for real data or a result made before versions)
     test_patient_id: list = field(default_factory=list)  # pseudonymised patient of each test slice (as y_true)
+    imagenet_weights: dict | None = None  # {"file", "sha256"} of the ImageNet checkpoint loaded, else None
+    reported_epoch: int | None = None  # the epoch whose model gave ``test`` (the last, unless best_on_test)
 
     @property
     def accuracy(self) -> float:
@@ -192,13 +241,14 @@ def resolve_device(device: str = "auto") -> torch.device:
 def make_model(cfg: TrainConfig) -> torch.nn.Module:
     """Build the network a config names (the seed must be set before, for identical weights)."""
     if cfg.model == "twin":
-        return TwinNet(cfg.num_classes, alpha=cfg.alpha, learn_alpha=cfg.learn_alpha, pretrained=cfg.pretrained)
+        return TwinNet(cfg.num_classes, alpha=cfg.alpha, learn_alpha=cfg.learn_alpha, pretrained=cfg.pretrained,
+                       init=cfg.init)
     return build_model(cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained, image_size=cfg.image_size)
 
 
 def network_inputs(cfg: TrainConfig, hu: torch.Tensor) -> list:
     """Window a HU batch into the config's views (one tensor per branch), channels-last on CUDA."""
-    views = {v: to_network_input(hu, v) for v in set(cfg.inputs)}
+    views = {v: to_network_input(hu, v, bits=cfg.window_bits) for v in set(cfg.inputs)}
     if hu.is_cuda:
         views = {v: x.contiguous(memory_format=torch.channels_last) for v, x in views.items()}
     return [views[v] for v in cfg.inputs]
@@ -474,7 +524,9 @@ def _config_problem(cfg: dict) -> str | None:
 def checkpoint_config(state: dict, path) -> TrainConfig:
     """The TrainConfig of a loaded checkpoint, after every check a prediction relies on: known
     fields of the right types, a known model, the 3 classes of :data:`osteo.LABELS`, an epoch
-    within the run. Every failure is a :class:`CheckpointError` naming ``path``."""
+    within the run. Every failure is a :class:`CheckpointError` naming ``path``. The config
+    returned builds the bare architecture (``pretrained=False``, ``init="independent"``): the
+    checkpoint holds every weight, so no ImageNet file is needed to load it."""
     from .models import MODEL_NAMES
 
     cfg = state["config"]
@@ -490,7 +542,7 @@ def checkpoint_config(state: dict, path) -> TrainConfig:
         raise CheckpointError(f"{path}: trained for {k} classes; osteo predicts {len(LABELS)} "
                               f"({', '.join(LABELS)}): not a checkpoint for this task")
     try:
-        config = TrainConfig.from_dict({**cfg, "pretrained": False})
+        config = TrainConfig.from_dict({**cfg, "pretrained": False, "init": "independent"})
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: the stored config is invalid ({e})") from None
     if state["epoch"] > config.epochs:
@@ -545,6 +597,19 @@ def _set_rng_state(s: dict, device) -> None:
         torch.cuda.set_rng_state(s["cuda"], device)
 
 
+def _check_data_split(cfg: TrainConfig, data: SliceData) -> None:
+    """The data must be split as ``cfg.split`` says: by patient (no patient in train and test) or by slice."""
+    made = getattr(data, "split", "patient")
+    if made != cfg.split:
+        raise ValueError(f"{data.source or 'data'}: split by {made}, but TrainConfig.split is {cfg.split!r}; "
+                         f"load the data with load_data(..., split={cfg.split!r})")
+    if cfg.split == "patient":
+        shared = sorted(set(data.train.patient_id) & set(data.test.patient_id))
+        if shared:
+            raise ValueError(f"{data.source or 'data'}: patient {shared[0]} is in both train and test "
+                             f"({len(shared)} patients); a patient-level split keeps each patient on one side")
+
+
 def train(
     config: TrainConfig,
     data: SliceData,
@@ -574,9 +639,13 @@ def train(
             if res.config == cfg.to_dict():
                 return res
 
+    _check_data_split(cfg, data)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg)
     pretrained_used = bool(getattr(model, "pretrained_used", False))
+    imagenet_weights = getattr(model, "imagenet_weights", None)
+    main_head = "f" if cfg.model == "twin" else "main"
+    best = None  # report_epoch="best_on_test": {"epoch", "test", "predictions"} of the best epoch so far
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -602,6 +671,8 @@ def train(
         start_epoch = int(state["epoch"])
         seconds = float(state.get("seconds", 0.0))
         pretrained_used = bool(state.get("pretrained_used", pretrained_used))
+        imagenet_weights = state["imagenet_weights"] if "imagenet_weights" in state else imagenet_weights
+        best = json.loads(state["best"]) if state.get("best") else None
         if start_epoch < cfg.epochs:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -660,6 +731,13 @@ def train(
         rec.update({f"loss_{k}": float(v) for k, v in zip(names, values.mean(0))})
         if cfg.model == "twin":
             rec["alpha"] = float(model.alpha.detach())
+            if epoch == 0:  # cos(g_s, g_t) on the first batch, before any update: where the cosine starts
+                rec["cos_start"] = float(values[0, names.index("dis")])
+        if cfg.report_epoch == "best_on_test":  # a pitfall, on request: model selection on the test set
+            m_e, p_e = evaluate(model, cfg, data.test, device, grouped=engine.grouped)
+            rec["test_acc"] = m_e[main_head]["accuracy"]
+            if best is None or rec["test_acc"] > best["test"][main_head]["accuracy"]:
+                best = {"epoch": epoch + 1, "test": m_e, "predictions": p_e}
         history.append(rec)
         bar.set_postfix(epoch=epoch + 1, loss=f"{rec['loss_total']:.3f}", acc=f"{rec['train_acc']:.2f}")
         last_epoch = epoch + 1 == cfg.epochs
@@ -672,6 +750,8 @@ def train(
                 "history": json.dumps(history),
                 "seconds": seconds,
                 "pretrained_used": pretrained_used,
+                "imagenet_weights": imagenet_weights,
+                "best": json.dumps(best) if best is not None else "",
             }
             if not last_epoch:  # only resuming needs these (2/3 of the file); a finished run keeps the weights
                 state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=_rng_state(device))
@@ -679,12 +759,16 @@ def train(
             last_save = time.perf_counter()
     bar.close()
 
-    metrics, preds = evaluate(model, cfg, data.test, device, grouped=engine.grouped)
+    if best is not None:
+        metrics, preds, reported_epoch = best["test"], best["predictions"], best["epoch"]
+    else:
+        metrics, preds = evaluate(model, cfg, data.test, device, grouped=engine.grouped)
+        reported_epoch = cfg.epochs
     result = TrainResult(
         config=cfg.to_dict(),
         history=history,
         test=metrics,
-        main_head="f" if cfg.model == "twin" else "main",
+        main_head=main_head,
         y_true=data.test.y.cpu().tolist(),
         predictions=preds,
         alpha=float(model.alpha.detach()) if cfg.model == "twin" else None,
@@ -696,6 +780,8 @@ def train(
         versions=_versions(),
         synthetic_version=getattr(data, "synthetic_version", ""),
         test_patient_id=[_pseudonymous(p) for p in data.test.patient_id],
+        imagenet_weights=imagenet_weights,
+        reported_epoch=reported_epoch,
     )
     if result_path is not None:
         result.to_json(result_path)

@@ -10,6 +10,7 @@ them with different kernels here:
     ATEN_CPU_CAPABILITY=avx2 pytest tests/test_engines.py  # PyTorch's own switch: AVX2 kernels on an AVX-512 CPU
 """
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -52,6 +53,26 @@ def make_separable(n_per_class=24, size=32, seed=0, test_fraction=0.25):
         return SliceSet(torch.from_numpy(hu[idx]), torch.from_numpy(y[idx]), [pid[i] for i in idx], [f"/x/{pid[i]}.dcm" for i in idx])
 
     return SliceData(subset(~test), subset(test), size, source="separable-test-set")
+
+
+@pytest.fixture(scope="session")
+def _refusing_url():
+    """A local address that refuses connections: a socket bound but never listening."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
+@pytest.fixture(autouse=True)
+def _offline_weights(monkeypatch, tmp_path_factory, _refusing_url):
+    """No test reaches the internet for ImageNet weights or sees the user's torch cache: downloads go
+    to a refusing local port, the cache is a fresh temporary folder, and failed downloads are forgotten."""
+    import osteo.weights
+
+    monkeypatch.setenv("OSTEO_WEIGHTS_URL", _refusing_url)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+    monkeypatch.setattr(osteo.weights, "_FAILED", {})
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Models: ResNet18+ACM placement, ImageNet weight loading (offline, faked), TwinNet (Eq. 2), Table 5 builders."""
+import hashlib
 import os
-import urllib.error
 
 import pytest
 import torch
@@ -9,12 +9,12 @@ import torchvision
 from torch import nn
 
 import osteo.models as om
+import osteo.weights
 from osteo.acm import ACM
 from osteo.losses import twin_loss
 from osteo.models import (MODEL_NAMES, TwinNet, TwinOutput, build_model, default_image_size, gradcam_layer,
                           imagenet_cache_path, load_imagenet_weights, resnet18_acm)
-
-RESNET18_FILE = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
+from osteo.weights import WeightsFile
 
 
 def _acms(model):
@@ -23,23 +23,37 @@ def _acms(model):
 
 @pytest.fixture
 def hub_dir(tmp_path, monkeypatch):
-    """An empty torch hub dir; any real download attempt fails the test."""
+    """An empty torch hub dir; downloads fail (conftest points them at a refusing local port)."""
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
 
     def no_download(*args, **kwargs):
-        raise AssertionError("a test tried to download weights")
+        raise AssertionError("a test tried to download weights through torch.hub")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     return tmp_path / "hub"
 
 
-def _fake_resnet18_checkpoint(hub, seed=123):
+def _register(monkeypatch, path, *networks):
+    """Make ``path`` the published checkpoint of ``networks``: its name carries its own sha256 prefix."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    stem = path.name.split("-")[0]
+    named = path.with_name(f"{stem}-{digest[:8]}.pth")
+    path.rename(named)
+    wf = WeightsFile(f"https://example.invalid/{named.name}")
+    for net in networks:
+        monkeypatch.setitem(osteo.weights.WEIGHTS, net, wf)
+    return named, digest
+
+
+def _fake_resnet18_checkpoint(hub, monkeypatch, seed=123):
+    """A random ResNet18 state dict in the cache, registered as ResNet18's published weights."""
     torch.manual_seed(seed)
     sd = torchvision.models.resnet18().state_dict()
     ck = hub / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, ck / RESNET18_FILE)
-    return sd
+    torch.save(sd, ck / "resnet18-0.pth")
+    named, digest = _register(monkeypatch, ck / "resnet18-0.pth", "resnet18", "resnet18_acm")
+    return sd, named, digest
 
 
 # --- ResNet18 + ACM --------------------------------------------------------------------------------
@@ -107,65 +121,92 @@ def test_resnet_keys_are_torchvision_keys():
 # --- ImageNet weights: True / False / "auto", all offline -----------------------------------------
 
 def test_auto_with_empty_cache_trains_from_scratch(hub_dir):
-    m = resnet18_acm(pretrained="auto")
-    assert m.pretrained_used is False
+    with pytest.warns(UserWarning, match=r"resnet18-f37072fd.pth for resnet18_acm not available .*osteo weights import"):
+        m = resnet18_acm(pretrained="auto")
+    assert m.pretrained_used is False and m.imagenet_weights is None
     assert not os.path.exists(imagenet_cache_path(m, "resnet18_acm"))
     t = TwinNet(pretrained="auto")
-    assert t.pretrained_used is False
+    assert t.pretrained_used is False and t.imagenet_weights is None
     for name in MODEL_NAMES:
         kw = {"image_size": 32} if name == "vit_b_16" else {}
         assert build_model(name, pretrained="auto", **kw).pretrained_used is False, name
+    ck = hub_dir / "checkpoints"
+    assert not ck.exists() or not any(ck.iterdir())  # nothing half-downloaded left behind
 
 
-def test_true_without_weights_raises_clear_error(hub_dir, monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"could not be downloaded.*pretrained=False.*'auto'"):
+def test_true_without_weights_raises_clear_error(hub_dir):
+    with pytest.raises(RuntimeError, match=r"resnet18-f37072fd.pth: the ImageNet weights for resnet18_acm cannot be "
+                                           r"had .*Connection refused.*osteo weights import.*pretrained=False"):
         resnet18_acm(pretrained=True)
-    with pytest.raises(RuntimeError, match="could not be downloaded"):
+    with pytest.raises(RuntimeError, match="efficientnet_b0_rwightman-7f5810bc.pth: .* cannot be had"):
         build_model("efficientnet_b0", pretrained=True)
-
-
-def test_true_for_timm_xception_offline_raises(hub_dir):
-    # the hub_dir fixture makes the download itself fail
-    with pytest.raises(RuntimeError, match="xception could not be downloaded"):
+    with pytest.raises(RuntimeError, match="xception-43020ad28.pth: the ImageNet weights for xception cannot be had"):
         build_model("xception", pretrained=True)
 
 
-def test_cached_weights_load_non_strictly(hub_dir):
-    sd = _fake_resnet18_checkpoint(hub_dir)
+def test_false_never_touches_the_network(hub_dir, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("pretrained=False reached for the network")
+
+    monkeypatch.setattr(osteo.weights, "_open", no_network)
+    monkeypatch.setattr(osteo.weights, "obtain", no_network)
+    for name in MODEL_NAMES:
+        kw = {"image_size": 32} if name == "vit_b_16" else {}
+        m = build_model(name, pretrained=False, **kw)
+        assert m.pretrained_used is False and m.imagenet_weights is None
+    assert TwinNet(pretrained=False, init="shared").imagenet_weights is None
+
+
+def test_xception_url_is_timms():
+    import timm
+
+    assert osteo.weights.WEIGHTS["xception"].url == timm.create_model(om.XCEPTION_TIMM_NAME).pretrained_cfg["url"]
+
+
+def test_cached_weights_load_non_strictly(hub_dir, monkeypatch):
+    sd, named, digest = _fake_resnet18_checkpoint(hub_dir, monkeypatch)
     torch.manual_seed(0)
     m = resnet18_acm(pretrained="auto")
     assert m.pretrained_used is True
+    assert m.imagenet_weights == {"file": named.name, "sha256": digest}
     msd = m.state_dict()
     for k, v in sd.items():
         if not k.startswith("fc."):
             assert torch.equal(msd[k], v), k
     assert m.fc.weight.shape == (3, 512)  # new head, fresh init
-    # True finds the cached file (download_url_to_file is disabled by the fixture)
+    # True finds the cached file (no download)
     assert torch.equal(resnet18_acm(pretrained=True).conv1.weight, sd["conv1.weight"])
     assert torch.equal(build_model("resnet18", pretrained="auto").layer4[1].bn2.running_var, sd["layer4.1.bn2.running_var"])
     t = TwinNet(pretrained="auto")
-    assert t.pretrained_used is True
+    assert t.pretrained_used is True and t.imagenet_weights["sha256"] == digest
     assert torch.equal(t.G_s.conv1.weight, sd["conv1.weight"]) and torch.equal(t.G_t.conv1.weight, sd["conv1.weight"])
     assert build_model("resnet18", pretrained=False).pretrained_used is False
 
 
-def test_mismatching_or_corrupt_checkpoint_raises(hub_dir):
-    m = build_model("efficientnet_b0")
-    path = imagenet_cache_path(m, "efficientnet_b0")
+def test_cached_file_with_wrong_hash_is_refused(hub_dir):
+    path = imagenet_cache_path(build_model("efficientnet_b0"), "efficientnet_b0")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"features.0.0.weight": torch.zeros(1)}, path)
-    with pytest.raises(RuntimeError, match="do not fit efficientnet_b0"):  # wrong shape
-        load_imagenet_weights(m, "efficientnet_b0", "auto")
-    torch.save({"not.a.key": torch.zeros(1)}, path)
-    with pytest.raises(RuntimeError, match=r"do not fit efficientnet_b0: missing \['features"):
-        load_imagenet_weights(m, "efficientnet_b0", "auto")
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="could not be read"):
+    for pretrained in ("auto", True):
+        with pytest.raises(RuntimeError, match=r"efficientnet_b0_rwightman-7f5810bc.pth: sha256 [0-9a-f]{64} does not "
+                                               r"match the published hash 7f5810bc\.\.\..*delete it"):
+            build_model("efficientnet_b0", pretrained=pretrained)
+
+
+def test_mismatching_checkpoint_raises(hub_dir, monkeypatch):
+    m = build_model("efficientnet_b0")
+    ck = hub_dir / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    torch.save({"features.0.0.weight": torch.zeros(1)}, ck / "effnet-0.pth")
+    _register(monkeypatch, ck / "effnet-0.pth", "efficientnet_b0")
+    with pytest.raises(RuntimeError, match="do not fit efficientnet_b0"):  # wrong shape
+        load_imagenet_weights(m, "efficientnet_b0", "auto")
+    for p in ck.iterdir():
+        p.unlink()
+    torch.save({"not.a.key": torch.zeros(1)}, ck / "effnet-0.pth")
+    _register(monkeypatch, ck / "effnet-0.pth", "efficientnet_b0")
+    with pytest.raises(RuntimeError, match=r"do not fit efficientnet_b0: missing \['features"):
         load_imagenet_weights(m, "efficientnet_b0", "auto")
 
 
