@@ -152,13 +152,15 @@ def test_fast_series_writer_equals_pydicoms_writer(small):
 # ---- realism (SPEC section 5), measured in the images ------------------------------------------
 def test_tissue_hu_noise_and_texture_in_the_image(small):
     _, df = small
-    first = df.drop_duplicates("patient_id").groupby("label").head(3)
+    first = df.drop_duplicates("patient_id").groupby("label").head(12)
     fat, muscle, noise, noise_ratio, roi_sd, cortex = [], [], [], [], [], []
     for r in first.itertuples():
+        if len(fat) >= 6:
+            break
         d = debug_slice(r.patient_id, 0, **SMALL)
         hu = d["hu"].astype(float)
         assert d["muscle"].sum() > 50 and d["trabecular"].sum() > 300
-        if d["fat"].sum() < 30:  # a tight crop around the spine may hold no pure fat
+        if d["fat"].sum() < 30:  # a tight crop around the spine often holds no pure fat: take the next patient
             continue
         fat.append(hu[d["fat"]].mean())
         muscle.append(hu[d["muscle"]].mean())
@@ -167,7 +169,9 @@ def test_tissue_hu_noise_and_texture_in_the_image(small):
         noise_ratio.append(n_sd / r.noise_sd)
         roi_sd.append(hu[d["roi"]].std())
         cortex.append(np.median(d["blurred"][d["cortex"]]))
-    assert len(fat) >= 3 and all(-110 <= v <= -85 for v in fat), fat
+    # fat -95 to -105 HU; one slice's fat mask can be a few dozen pixels of spatially correlated noise
+    # (SD up to 30 HU), so its mean wobbles by several HU: each slice within 15 HU, their median within 5
+    assert len(fat) >= 3 and all(-120 <= v <= -80 for v in fat) and -110 <= np.median(fat) <= -90, fat
     assert all(30 <= v <= 65 for v in muscle), muscle  # 45-55, lower with fat infiltration, + contrast
     assert all(10 <= v <= 30 for v in noise), noise
     # manifest's noise_sd is the image's; FBP noise is not stationary, so flat fat shows 0.6-1.4x of it
