@@ -1,4 +1,4 @@
-"""Attend-and-Compare Module (ACM; Kim et al., ECCV 2020) as used by the paper's backbones (SPEC 2).
+"""Attend-and-Compare Module (ACM; Kim et al., ECCV 2020) as used by the paper's backbones (design section 2).
 
 This is OUR adaptation to ResNet18's BasicBlock: the official ACM code supports only Bottleneck
 ResNets (and has no licence, so nothing here is copied from it). One module sits on the residual
@@ -29,7 +29,7 @@ def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
     GPUs run a grouped 1x1 convolution with few channels per group far below their speed for a
     dense one (ACM's own code uses them, and they made a straightforward twin ~4x slower than two
-    plain ResNet18s, issue 4); a dense GEMM with a block-diagonal weight computes the same function
+    plain ResNet18s); a dense GEMM with a block-diagonal weight computes the same function
     with more, but fast, arithmetic. Built in one broadcast multiply, so gradients reach ``weight``.
     """
     o, ig = weight.shape[:2]
@@ -39,7 +39,7 @@ def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def acm_function(x, kq_weight, kq_bias, p1_weight, p1_bias, p2_weight, p2_bias, groups: int, branches: int = 1):
-    """ACM as a function of its input and weights (SPEC 2); returns ``(Y, dp)``, ``dp`` of shape (B,).
+    """ACM as a function of its input and weights (design section 2); returns ``(Y, dp)``, ``dp`` of shape (B,).
 
     ``branches`` > 1: ``x`` holds that many networks' feature maps side by side on the channel axis
     (:mod:`osteo.grouped`), and ``dp`` is each one's own term, of shape (B, branches).
@@ -116,7 +116,7 @@ def reference_acm_forward(module: ACM, x: torch.Tensor) -> tuple[torch.Tensor, t
     """Plain, loop-based re-computation of ``module(x)`` (per sample, per group); returns ``(Y, dp)``.
 
     Deliberately slow and literal, for the tests: it reads the K/Q weights of group g from rows
-    ``2g`` / ``2g + 1`` of ``module.kq`` and follows SPEC 2 step by step.
+    ``2g`` / ``2g + 1`` of ``module.kq`` and follows design section 2 step by step.
     """
     b, c, h, w = x.shape
     g = module.groups

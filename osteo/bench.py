@@ -1,4 +1,4 @@
-"""Training throughput of the twin network against plain torchvision ResNet18s, in one run (issue 4).
+"""Training throughput of the twin network against plain torchvision ResNet18s, in one run.
 
     python benchmarks/throughput.py                 # on the GPU at hand (or the CPU)
     osteo bench --image-size 224 --batch-size 128   # the same, from the CLI
@@ -16,7 +16,7 @@ Rows (images per second, ratio to the anchor, peak GPU memory, seconds spent war
   twin eval          TwinNet inference on HU batches (separate and grouped backbones)
   data path          HU (int16, on the device) -> the two normalised views
   loop check         (--loop-check) osteo.train on a smoke-sized run against a plain eager loop of
-                     the same model: osteo's loop must not be slower (issue 4, the CPU path)
+                     the same model: osteo's loop must not be slower (the CPU path)
   baselines          (--baselines) Table 5's other networks, eager and compiled
 An "images" count is the number of slices: a twin image goes through both backbones.
 The table is printed and written as JSON under results/bench/ with the device name and versions.

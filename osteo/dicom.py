@@ -1,4 +1,4 @@
-"""Read one CT slice from a DICOM file as Hounsfield units, robustly (SPEC section 6).
+"""Read one CT slice from a DICOM file as Hounsfield units, robustly (design section 6).
 
 The paper (section III) takes "one axial CT slice stored in HU" as given; hospital DICOM needs the
 care below, all of it ours:

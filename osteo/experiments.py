@@ -136,7 +136,7 @@ def paper_claims(name: str) -> list:
     return claims
 
 
-# Inception-v3 and Xception read 299 px where the others read 224 (SPEC section 3).
+# Inception-v3 and Xception read 299 px where the others read 224 (design section 3).
 LARGE_INPUT_MODELS = ("inception_v3", "xception")
 
 

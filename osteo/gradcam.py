@@ -1,4 +1,4 @@
-"""Grad-CAM (Selvaraju et al., 2017) for the maps of the paper's Fig. 4 (SPEC 4).
+"""Grad-CAM (Selvaraju et al., 2017) for the maps of the paper's Fig. 4 (design section 4).
 
 ``cam = ReLU(sum_c w_c * A_c)`` with ``A`` the activations of a target layer and ``w_c`` the
 spatial mean of d(logit of the target class)/dA_c; then bilinearly upsampled to the input size

@@ -1,4 +1,4 @@
-"""Both backbones of the twin network as ONE batched computation (the "grouped" engine of issue 4).
+"""Both backbones of the twin network as ONE batched computation (the "grouped" engine).
 
 ``TwinNet.forward`` runs ``G_s(x_s)`` and then ``G_t(x_t)``: two networks one after the other, each
 too small to fill a large GPU. Two networks of the same architecture side by side are one network
@@ -16,7 +16,7 @@ backbone's buffers.
 
 :func:`grouped_twins_forward` does the same for several twins at once (2N backbones as one network),
 for example Table 4's five fixed-alpha twins, which train on the same batches: the benchmark measures
-whether that fills a large GPU better than training them one after the other (issue 4).
+whether that fills a large GPU better than training them one after the other.
 """
 from __future__ import annotations
 

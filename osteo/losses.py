@@ -1,4 +1,4 @@
-"""Training losses of the paper, Eqs. (3)-(5), and ACM's own orthogonality penalty (SPEC 1-2)."""
+"""Training losses of the paper, Eqs. (3)-(5), and ACM's own orthogonality penalty (design sections 1-2)."""
 from __future__ import annotations
 
 import torch
@@ -39,7 +39,7 @@ def twin_loss(out, y: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
 
 
 def acm_penalty(acm_term: torch.Tensor, weight: float = 0.1) -> torch.Tensor:
-    """ACM's orthogonality penalty ``weight * |mean over the batch of acm_term|`` (SPEC 2).
+    """ACM's orthogonality penalty ``weight * |mean over the batch of acm_term|`` (design section 2).
 
     ``acm_term`` is the (B,) sum of ``dp`` over ACM modules (``TwinNet.acm_term`` or
     :func:`osteo.acm.acm_orthogonality`). Not part of the paper's Eq. (5); reported on its own.

@@ -4,10 +4,10 @@ A manifest is a CSV with columns ``path,label,patient_id[,split]`` (extra column
 folder with one sub-folder per class (see :func:`load_manifest`). Labels are ordered as in the
 paper: normal < osteopenia < osteoporosis.
 
-Decisions that are ours (the paper says only "80 % train, 20 % test", SPEC section 3):
+Decisions that are ours (the paper says only "80 % train, 20 % test", design section 3):
 * the split is made at patient level and stratified by label (:func:`split_patients`), so no
   patient is in both train and test (:func:`check_split`);
-* labels are per patient (from DXA, SPEC section 5): a patient with two labels is an error;
+* labels are per patient (from DXA, design section 5): a patient with two labels is an error;
 * validation collects every problem and raises one :class:`ManifestError` that lists them all.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Networks: ResNet18+ACM, the proposed twin network (Eq. 2) and the single-input baselines of Table 5.
 
 Architecture and weights are kept apart: builders construct from scratch, then one function,
-:func:`load_imagenet_weights`, optionally loads ImageNet weights into them (SPEC 3: ``pretrained``
+:func:`load_imagenet_weights`, optionally loads ImageNet weights into them (design section 3: ``pretrained``
 is True, False or "auto"; :mod:`osteo.weights` finds, downloads and verifies the files). Every built
 model carries ``model.pretrained_used`` (bool) and ``model.imagenet_weights`` (file and sha256, or None).
 """
@@ -100,7 +100,7 @@ def _load_state(model: nn.Module, arch: str, state: dict, source: str) -> None:
 class BasicBlockACM(BasicBlock):
     """torchvision's BasicBlock with an ACM on the residual branch after ``bn2``, before the identity is added.
 
-    Our placement for ResNet18 (SPEC 2; the official ACM code has Bottleneck ResNets only). The
+    Our placement for ResNet18 (design section 2; the official ACM code has Bottleneck ResNets only). The
     block's own parameter names are torchvision's, so ImageNet weights load into it unchanged.
     """
 
@@ -216,7 +216,7 @@ class TwinNet(nn.Module):
 
 
 def default_image_size(name: str) -> int:
-    """The paper-era input size of a model: 299 for Inception-v3 and Xception, else 224 (SPEC 3)."""
+    """The paper-era input size of a model: 299 for Inception-v3 and Xception, else 224 (design section 3)."""
     _check_name(name)
     return 299 if name in ("inception_v3", "xception") else 224
 
@@ -235,7 +235,7 @@ def build_model(name: str, num_classes: int = 3, pretrained=False, image_size: i
     ``vit_b_16`` (a multiple of 16; default 224; pretrained position embeddings are interpolated)
     and is checked against Inception-v3's minimum of 75 px; the convolutional nets accept any size.
     Note: the timm Xception weights were trained on inputs scaled to [-1, 1], our inputs use the
-    ImageNet mean/std (SPEC 3) for every model; fine-tuning absorbs the difference.
+    ImageNet mean/std (design section 3) for every model; fine-tuning absorbs the difference.
     """
     _check_name(name)
     _check_pretrained(pretrained)
@@ -263,7 +263,7 @@ def build_model(name: str, num_classes: int = 3, pretrained=False, image_size: i
 
 
 def gradcam_layer(model: nn.Module, branch: str = "s") -> nn.Module:
-    """The Grad-CAM target layer of a model (SPEC 4, Fig. 4).
+    """The Grad-CAM target layer of a model (design section 4, Fig. 4).
 
     ResNets (with or without ACM): the last block of ``layer4``; TwinNet: that of ``G_s`` or ``G_t``
     (``branch`` "s" / "t"); Inception-v3: ``Mixed_7c``; EfficientNet-b0: the last feature block;

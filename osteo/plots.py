@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .manifest import LABELS as DEFAULT_LABELS  # the classes, ordered (SPEC section 1)
+from .manifest import LABELS as DEFAULT_LABELS  # the classes, ordered (design section 1)
 from .windowing import HU_MAX, VIEW_HU_MIN, window
 
 VIEW_NAME = {"s": "x_s (HU -128..1024)", "t": "x_t (HU -450..1024)"}

@@ -1,5 +1,5 @@
 """Patient privacy: pseudonyms for patient ids, the DICOM tags that must never reach outputs, and a
-scrubber for messages (SPEC section 6: "patient names and other identifiers never reach notebook
+scrubber for messages (design section 6: "patient names and other identifiers never reach notebook
 outputs, logs or result files"). The paper says nothing about this; it is ours.
 
 Pseudonyms are ``"P-" + 12 hex digits`` of a salted SHA-256 of the patient id. The salt is, in

@@ -128,7 +128,7 @@ class SyntheticError(RuntimeError):
 
 
 def _density_prior(age: float, sex: str) -> tuple[float, float]:
-    """Mean and SD of L1 trabecular HU at ``age`` (SPEC 5: 226 +- 44 below 30, 89 +- 38 at 90)."""
+    """Mean and SD of L1 trabecular HU at ``age`` (design section 5: 226 +- 44 below 30, 89 +- 38 at 90)."""
     f = min(max((age - 30.0) / 60.0, 0.0), 1.0)
     mu = 226.0 - (226.0 - 89.0) * f
     sd = 44.0 - 6.0 * f
@@ -423,7 +423,7 @@ def _anatomy(p: _Patient, rng: np.random.Generator, conf: frozenset = frozenset(
     a = 22.0 * s * rng.uniform(0.95, 1.05)
     b = 16.0 * s * rng.uniform(0.92, 1.08)
     kb = _KVP_BONE[p.kvp]
-    # marrow gets fattier as density falls (SPEC 5); BV/TV from the target mean at 120 kVp, unenhanced
+    # marrow gets fattier as density falls (design section 5); BV/TV from the target mean at 120 kVp, unenhanced
     ff = float(np.clip(0.3 + 0.45 * (226.0 - p.density) / 137.0 + rng.normal(0, 0.05), 0.1, 0.9))
     marrow0 = (1 - ff) * 35.0 + ff * (-95.0)
     bvtv = float(np.clip((p.density - marrow0) / (_BONE_TISSUE_HU - marrow0), 0.02, 0.45))
@@ -1226,7 +1226,7 @@ def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0,
     """Write the synthetic lumbar CT set as DICOM (``out_dir/<label>/<patient>_<k>.dcm``) and
     ``out_dir/manifest.csv``; return the manifest.
 
-    Exactly ``n_per_class`` slices per class (SPEC 3: 1500), of which ``n_test_per_class`` (default
+    Exactly ``n_per_class`` slices per class (the paper: 1500), of which ``n_test_per_class`` (default
     20 %) are test slices, one per test patient; training patients have ``slices_per_patient``
     neighbouring levels. Patient ids, file names and row order are independent of the label. Deterministic from ``seed``
     (byte-identical files, whatever ``workers``). The manifest is written last (temporary file +

@@ -1,11 +1,11 @@
 """Training and evaluation of the twin network and the single-input baselines (paper IV.1).
 
-One :class:`TrainConfig` holds every setting of SPEC section 3 and is saved with every result.
+One :class:`TrainConfig` holds every setting of design section 3 and is saved with every result.
 :func:`train` runs on CUDA when there is one (bf16 autocast, channels-last, data windowed on the
 GPU) and on the CPU otherwise, with the same code. Each epoch ends with a checkpoint, so an
 interrupted run resumes where it stopped and ends with the same weights as an uninterrupted one.
 
-Decisions where the paper is silent (SPEC section 3): the learning rate follows a cosine annealing
+Decisions where the paper is silent (design section 3): the learning rate follows a cosine annealing
 per epoch over the whole run; the reported numbers are those of the model after the last epoch (no
 model selection on the test set); no augmentation by default.
 """
@@ -52,7 +52,7 @@ ADDED_FIELDS = {"init": "independent", "split": "patient", "report_epoch": "last
 
 @dataclass
 class TrainConfig:
-    """Every setting of one training run (paper IV.1 and SPEC section 3).
+    """Every setting of one training run (paper IV.1 and design section 3).
 
     ``model`` is ``"twin"`` (the proposed network, Eq. 2) or a name of :func:`osteo.build_model`.
     ``inputs`` names the view each branch reads: ``("s", "t")`` for the twin (Table 3 also uses

@@ -5,7 +5,7 @@ Eq. (1): ``p = 255 * (HU - HU_min) / (HU_max - HU_min)``, clipped to [0, 255], w
 ``x_t`` uses ``HU_min = -450``.
 
 We keep the result in float32 rather than quantising to uint8 as an 8-bit image would be: the
-classes differ by only ~30-60 HU, which is 5-13 grey levels after Eq. (1) (SPEC section 3).
+classes differ by only ~30-60 HU, which is 5-13 grey levels after Eq. (1) (design section 3).
 """
 from __future__ import annotations
 
@@ -60,12 +60,12 @@ def to_network_input(hu: torch.Tensor, view: str, bits: int | None = None) -> to
 
     Windows with Eq. (1) for ``view`` ('s' or 't'; ``bits=8``: rounded to 256 levels, see
     :func:`window`), scales to [0, 1], replicates the grey slice to three channels and normalises
-    with ImageNet mean/std (SPEC section 3). Runs on the tensor's device, so on a GPU the data never
+    with ImageNet mean/std (design section 3). Runs on the tensor's device, so on a GPU the data never
     leaves it.
     """
     if view not in VIEW_HU_MIN:
         raise ValueError(f"unknown view {view!r}: use 's' (HU_min -128) or 't' (HU_min -450)")
     grey = window(hu, VIEW_HU_MIN[view], bits=bits).div_(255.0).unsqueeze(1)  # (B, 1, H, W)
     # Python-number arithmetic per channel: a mean/std tensor built here would be copied from the
-    # host to the GPU on every batch, a synchronisation inside the training loop (issue 4).
+    # host to the GPU on every batch, a synchronisation inside the training loop.
     return torch.cat([(grey - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dim=1)

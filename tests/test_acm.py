@@ -1,4 +1,4 @@
-"""ACM (SPEC 2): the fast module against a literal loop re-computation, special cases, gradients, errors."""
+"""ACM (design section 2): the fast module against a literal loop re-computation, special cases, gradients, errors."""
 import copy
 import pickle
 

@@ -1,4 +1,4 @@
-"""The benchmark script (issue 4): its table is consistent; the numbers themselves are measured, not tested."""
+"""The benchmark script: its table is consistent; the numbers themselves are measured, not tested."""
 import json
 
 from osteo import bench

@@ -49,7 +49,7 @@ def _twin_and_batch(size=64, batch=16):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_every_engine_bf16_on_cuda_matches_float32_eager(engine):
-    """Issue 4: logits and loss of each fast path (bf16 on the GPU) against the plain eager model
+    """Logits and loss of each fast path (bf16 on the GPU) against the plain eager model
     (float32 on the CPU) on the same weights and inputs, within bf16 tolerance."""
     import copy
 

@@ -1,5 +1,5 @@
 """osteo.dicom.read_hu on real files (pydicom's CT_small.dcm, pydicom-data's explicit_VR-UN.dcm and
-eCT_Supplemental.dcm) and on files written here, one DICOM pitfall each (SPEC section 6)."""
+eCT_Supplemental.dcm) and on files written here, one DICOM pitfall each (design section 6)."""
 from pathlib import Path
 
 import numpy as np

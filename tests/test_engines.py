@@ -1,4 +1,4 @@
-"""Issue 4: the fast engines compute the same function as the plain eager twin (on the CPU, in CI).
+"""The fast engines compute the same function as the plain eager twin (on the CPU, in CI).
 
 The GPU-only parts (bf16 on CUDA, CUDA graphs, no host synchronisation) are in tests/test_cuda.py.
 """

@@ -97,7 +97,7 @@ def test_window_comparison_draws_both_views_and_the_transfer_curves():
 
 
 def test_grey_levels_between_classes_bar_heights_are_the_eq1_gaps():
-    means = {"normal": 178.0, "osteopenia": 143.0, "osteoporosis": 118.0}  # SPEC section 5
+    means = {"normal": 178.0, "osteopenia": 143.0, "osteoporosis": 118.0}  # design section 5
     fig = plots.grey_levels_between_classes(means)
     assert len(fig.axes) == 2
     bars_s, bars_t = _bars(fig.axes[1])

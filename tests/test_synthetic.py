@@ -1,4 +1,4 @@
-"""The synthetic lumbar CT data set (osteo.synthetic): DICOM validity, realism numbers of SPEC section 5,
+"""The synthetic lumbar CT data set (osteo.synthetic): DICOM validity, realism numbers of design section 5,
 class structure, split, determinism, the HU threshold rule (the "clinical reference"), and the
 microarchitecture model: information about the label beyond mean HU, visible in the image."""
 import os
@@ -149,7 +149,7 @@ def test_fast_series_writer_equals_pydicoms_writer(small):
             assert (out / f"{p.label}/{pid}_{k}.dcm").read_bytes() == ref
 
 
-# ---- realism (SPEC section 5), measured in the images ------------------------------------------
+# ---- realism (design section 5), measured in the images ------------------------------------------
 def test_tissue_hu_noise_and_texture_in_the_image(small):
     _, df = small
     first = df.drop_duplicates("patient_id").groupby("label").head(12)
@@ -225,7 +225,7 @@ def test_class_means_are_ordered_realistic_and_overlap(big):
     q25 = df.loc[df.label == "normal", "trabecular_hu"].quantile(0.25)
     assert (df.loc[df.label == "osteopenia", "trabecular_hu"] > q25).mean() > 0.25
     assert (df.loc[df.label == "osteoporosis", "trabecular_hu"] > q25).mean() > 0.05
-    # older patients, lower density (SPEC 5: ~2.5 HU/year)
+    # older patients, lower density (design section 5: ~2.5 HU/year)
     pat = df.drop_duplicates("patient_id")
     slope = np.polyfit(pat["age"], pat["bone_density"], 1)[0]
     assert -3.2 < slope < -1.5, slope

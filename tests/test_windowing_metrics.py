@@ -64,7 +64,7 @@ def test_report_and_interval():
     rep = classification_report([0, 1, 2, 2], [0, 1, 2, 1], labels=osteo.LABELS)
     assert rep["accuracy"] == 0.75
     assert rep["per_class_accuracy"] == {"normal": 1.0, "osteopenia": 1.0, "osteoporosis": 0.5}
-    lo, hi = wilson_interval(693, 900)  # 77 % of 900: about +-2.7 points (SPEC section 4)
+    lo, hi = wilson_interval(693, 900)  # 77 % of 900: about +-2.7 points (design section 4)
     assert 0.74 < lo < 0.745 and 0.795 < hi < 0.80
     with pytest.raises(ValueError):
         confusion_matrix([0, 3], [0, 1])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels that the lent GPU machine lacks (it has torch, torchvision, timm, pandas, matplotlib, tqdm,
 # pytest, ... but not pydicom or the notebook stack), for Python 3.12 on x86-64, into .whl/ (ignored
-# by git; name it in the device tool's `carry`). tools/gpu_checks.sh and tools/gpu_paper.sh install
+# by git; name it in the device tool's `carry`). dev/gpu_checks.sh and dev/gpu_paper.sh install
 # them with pip --target when .whl/ exists. Run from the repository root on a machine with pip access.
 set -eu
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs of the `paper` profile on a lent GPU, in parts that each fit one 10-minute command (issue 3).
-#   TABLES="table2 table3" SEEDS=0 WORKERS=3 T_TRAIN=470 bash tools/gpu_paper.sh OUT_DIR
+#   TABLES="table2 table3" SEEDS=0 WORKERS=3 T_TRAIN=470 bash dev/gpu_paper.sh OUT_DIR
 # The result.json files under results/paper/runs/ are tracked by git, so they travel with every call
 # and their runs come from the cache: each part continues the last. Do NOT carry results/paper/runs:
 # a carried path replaces the device's copy, and with it the checkpoints of unfinished runs.
@@ -19,7 +19,7 @@ TABLES=${TABLES:-table2 table3}
 SEEDS=${SEEDS:-0}
 WORKERS=${WORKERS:-3}
 T_TRAIN=${T_TRAIN:-470}
-. tools/device_env.sh
+. dev/device_env.sh
 if [ "${CUDA_TESTS:-1}" = 1 ]; then  # the eager CUDA tests, on the GPU while the CPU makes the data
   timeout 150 python3 -m pytest -o addopts= -p no:cacheprovider -v -rfE --durations=0 tests/test_cuda.py \
     -k "trains_on_cuda or same_function or (not compile and not graphs)" > "$OUT/test_cuda_fast.log" 2>&1 &

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA checks of issues 2 and 4, as run on a lent H100 (see results/bench/README.md).
-# Usage on the GPU machine, from the repository root, with the wheels of tools/device_wheels.sh in .whl/ (where pydicom is not installed):
-#   bash tools/gpu_checks.sh OUT_DIR
+# Usage on the GPU machine, from the repository root, with the wheels of dev/device_wheels.sh in .whl/ (where pydicom is not installed):
+#   bash dev/gpu_checks.sh OUT_DIR
 # Writes OUT_DIR/test_cuda.log, OUT_DIR/bench.log and the benchmark's JSON table.
 # STEPS picks the steps below (default "1 2 3"); all three need more than one 10-minute call since the
 # bench gained its N-twins rows: e.g. STEPS="1 2" T_BENCH=450, then STEPS=3 T_SLOW=500.
 set -u
 OUT=${1:?output folder}
-. tools/device_env.sh
+. dev/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchvision, osteo; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
 PYTEST="python3 -m pytest -o addopts= -p no:cacheprovider -v -rfE --durations=0 tests/test_cuda.py"

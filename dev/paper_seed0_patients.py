@@ -9,7 +9,7 @@ the runs' ``y_true`` slice by slice, stores the patient ids in each result.json,
 metrics with patient-level intervals, and writes tables 2, 3, Fig. 3 and the paired tests of
 results/paper/tables/ and results/paper/REPORT.md. Run from the repository root (needs git):
 
-    PYTHONPATH=$PWD python tools/paper_seed0_patients.py
+    PYTHONPATH=$PWD python dev/paper_seed0_patients.py
 """
 from __future__ import annotations
 
