@@ -410,7 +410,23 @@ def setup_summary(exp) -> str:
         f"batch {p.batch_size}, seeds {', '.join(map(str, p.seeds))}",
         f"data: {data_label(exp)}; results: {shown_path(exp.out)}",
         f"torch {torch.__version__}; training device: {where}",
+        weights_note(),
     ])
+
+
+def weights_note() -> str:
+    """One plain line on the ImageNet weights (``pretrained="auto"``, the default): which files are in
+    the torch cache, and what happens without them. Notebooks print it instead of showing the
+    per-network warning that training from scratch gives."""
+    from .weights import status
+
+    rows = {r["file"]: r["state"] for r in status()}
+    ok = sum(state == "verified" for state in rows.values())
+    if ok == len(rows):
+        return f"ImageNet weights: all {ok} files in the torch cache, verified"
+    return (f"ImageNet weights: {ok} of {len(rows)} files in the torch cache; a network whose file is missing "
+            f"tries one download, else trains from scratch (`osteo weights download`, or `osteo weights import` "
+            f"on an offline machine: README)")
 
 
 def _noise_residual(hu: np.ndarray, sigma_px: float = 3.0) -> np.ndarray:
