@@ -4,7 +4,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["acm_penalty", "dissimilarity_loss", "twin_loss", "twin_loss_terms"]
+__all__ = ["acm_penalty", "dissimilarity_loss", "loss_precision", "twin_loss", "twin_loss_terms"]
+
+
+def loss_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the precision a loss is computed in: bfloat16/float16 (mixed precision) up to
+    float32, float32 and float64 as they are (a float64 model keeps a float64 loss and gradient)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def dissimilarity_loss(g_s: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
@@ -14,7 +20,7 @@ def dissimilarity_loss(g_s: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
     """
     if g_s.shape != g_t.shape:
         raise ValueError(f"osteo/losses.py: g_s {tuple(g_s.shape)} and g_t {tuple(g_t.shape)} differ in shape")
-    return F.cosine_similarity(g_s.flatten(1).float(), g_t.flatten(1).float(), dim=1).mean()
+    return F.cosine_similarity(loss_precision(g_s.flatten(1)), loss_precision(g_t.flatten(1)), dim=1).mean()
 
 
 def twin_loss_terms(out, y: torch.Tensor, lam: float = 0.1) -> dict:
@@ -24,9 +30,9 @@ def twin_loss_terms(out, y: torch.Tensor, lam: float = 0.1) -> dict:
     ``dis`` (L_dis, Eq. 4) and ``total = ce_s + ce_t + ce_f + lam * dis``.
     """
     terms = {
-        "ce_s": F.cross_entropy(out.logits_s.float(), y),
-        "ce_t": F.cross_entropy(out.logits_t.float(), y),
-        "ce_f": F.cross_entropy(out.logits_f.float(), y),
+        "ce_s": F.cross_entropy(loss_precision(out.logits_s), y),
+        "ce_t": F.cross_entropy(loss_precision(out.logits_t), y),
+        "ce_f": F.cross_entropy(loss_precision(out.logits_f), y),
         "dis": dissimilarity_loss(out.g_s, out.g_t),
     }
     terms["total"] = terms["ce_s"] + terms["ce_t"] + terms["ce_f"] + lam * terms["dis"]
@@ -44,4 +50,4 @@ def acm_penalty(acm_term: torch.Tensor, weight: float = 0.1) -> torch.Tensor:
     ``acm_term`` is the (B,) sum of ``dp`` over ACM modules (``TwinNet.acm_term`` or
     :func:`osteo.acm.acm_orthogonality`). Not part of the paper's Eq. (5); reported on its own.
     """
-    return weight * acm_term.float().mean().abs()
+    return weight * loss_precision(acm_term).mean().abs()

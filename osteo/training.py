@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .acm import acm_orthogonality
 from .data import SliceData, SliceSet
-from .losses import acm_penalty, twin_loss_terms
+from .losses import acm_penalty, loss_precision, twin_loss_terms
 from .manifest import LABELS
 from .metrics import classification_report
 from .grouped import grouped_twin_forward
@@ -284,7 +284,7 @@ def loss_terms(cfg: TrainConfig, out, y: torch.Tensor, acm: torch.Tensor | None)
     if cfg.model == "twin":
         terms = twin_loss_terms(out, y, lam=cfg.lam)
     else:
-        terms = {"ce": F.cross_entropy(out.float(), y)}
+        terms = {"ce": F.cross_entropy(loss_precision(out), y)}
         terms["total"] = terms["ce"]
     if acm is not None and cfg.acm_weight:
         terms["acm"] = acm_penalty(acm, cfg.acm_weight)

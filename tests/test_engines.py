@@ -114,7 +114,8 @@ def _steps(engine: str, steps: int, size=32, batch=8, dtype=torch.float64):
     curve = []
     for i in range(steps):
         out, terms = run(hu[i], y[i])
-        assert all(v.dtype == dtype for v in out)  # it really ran in this precision
+        assert all(v.dtype == dtype for v in out)  # it really ran in this precision,
+        assert {k: v.dtype for k, v in terms.items()} == dict.fromkeys(terms, dtype)  # the loss too
         if i == 0:
             out0 = [o.detach().clone() for o in out]
             grads0 = {n: p.grad.detach().clone() for n, p in model.named_parameters()}  # zeroed only by the next step

@@ -62,3 +62,43 @@ def test_acm_penalty_value_and_gradient():
     assert acm_penalty(term, weight=0.5).item() == pytest.approx(0.1)
     pen.backward()
     torch.testing.assert_close(term.grad, torch.tensor([-0.05, -0.05]))  # 0.1 * sign(-0.2) / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_losses_compute_in_at_least_float32_and_keep_float64(dtype):
+    """Mixed-precision logits are lifted to float32 for the loss; a float64 model keeps a float64
+    loss and float64 gradients (rounding the logits to float32 would make float64 runs of two code
+    paths differ by float32 rounding, ~1e-7)."""
+    want = torch.promote_types(dtype, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    raw = [torch.randn(4, 3, generator=g, dtype=torch.float64) / 3 for _ in range(3)]
+    feats = [torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    leaves = [t.to(dtype, copy=True).requires_grad_() for t in raw + feats]
+    y = torch.tensor([0, 2, 1, 2])
+    terms = twin_loss_terms(TwinOutput(*leaves), y, lam=0.1)
+    assert {k: v.dtype for k, v in terms.items()} == {k: want for k in ("ce_s", "ce_t", "ce_f", "dis", "total")}
+    terms["total"].backward()
+    assert all(t.grad.dtype == dtype for t in leaves)
+    acm = torch.randn(4, generator=g, dtype=torch.float64).to(dtype)
+    assert acm_penalty(acm).dtype == want
+    if dtype == torch.float64:  # against the exact formula: float32 arithmetic would be off by ~1e-8
+        for key, logits in zip(("ce_s", "ce_t", "ce_f"), raw):
+            expected = sum(_ce(row.tolist(), int(c)) for row, c in zip(logits, y)) / len(y)
+            assert terms[key].item() == pytest.approx(expected, rel=1e-14, abs=0), key
+        cos = [float(a @ b / (a.norm() * b.norm())) for a, b in zip(*feats)]
+        assert terms["dis"].item() == pytest.approx(sum(cos) / len(cos), rel=1e-14, abs=1e-16)
+        assert acm_penalty(acm, weight=0.3).item() == pytest.approx(0.3 * abs(sum(acm.tolist()) / 4), rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_single_network_loss_keeps_float64(dtype):
+    from osteo.training import TrainConfig, loss_terms
+
+    cfg = TrainConfig(model="resnet18", inputs=("t",), acm_weight=0.0)
+    logits = (torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) / 3)
+    y = torch.tensor([1, 0, 2, 2])
+    terms = loss_terms(cfg, logits.to(dtype), y, None)
+    assert terms["ce"].dtype == terms["total"].dtype == torch.promote_types(dtype, torch.float32)
+    if dtype == torch.float64:
+        expected = sum(_ce(row.tolist(), int(c)) for row, c in zip(logits, y)) / len(y)
+        assert terms["ce"].item() == pytest.approx(expected, rel=1e-14, abs=0)
