@@ -52,10 +52,10 @@ def _message(e: BaseException) -> str:
 
 
 def _check_profile(name: str) -> None:
-    from .experiments import PROFILE_NAMES
+    from .experiments import PROFILES
 
-    if name not in (*PROFILE_NAMES, "auto"):
-        raise UserError(f"--profile {name!r}: unknown profile; choose one of {', '.join(PROFILE_NAMES)} or auto")
+    if name not in (*PROFILES, "auto"):
+        raise UserError(f"--profile {name!r}: unknown profile; choose one of {', '.join(PROFILES)} or auto")
 
 
 NOTEBOOK_OF = {"table2": "03", "table3": "04", "table4": "05", "table5": "06", "fig3": "07", "fig4": "08"}

@@ -172,7 +172,7 @@ def test_grid_worker_option_is_checked():
     from osteo import cli
 
     for bad in ("3/2", "0/2", "x"):
-        with pytest.raises(SystemExit, match="--worker"):
+        with pytest.raises(cli.UserError, match="--worker"):
             cli._parse_worker(bad)
     assert cli._parse_worker("2/3") == (1, 3)  # 1-based on the command line, 0-based for Experiments.grid
 
