@@ -139,9 +139,15 @@ def test_notebook_runs_in_jupyterlab_without_errors_and_saves_clean(lab, browser
         page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
         n_code = page.locator(".jp-CodeCell").count()
         assert n_code > 5
+        # done when every cell has run, or as soon as a cell fails (Run All stops there, so waiting on
+        # would only reach the timeout): an error's traceback renders as stderr, checked just below
         page.wait_for_function(f"""() => {{
             const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim());
-            return p.length === {n_code} && p.every(t => /^\\[\\d+\\]:$/.test(t)); }}""", timeout=CELL_TIMEOUT_S * 1000)
+            const failed = [...document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
+                .some(e => /Traceback|Error/.test(e.textContent));
+            const busy = p.some(t => t === '[*]:');
+            return failed && !busy || p.length === {n_code} && p.every(t => /^\\[\\d+\\]:$/.test(t)); }}""",
+                               timeout=CELL_TIMEOUT_S * 1000)
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
         errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")

@@ -177,7 +177,8 @@ def test_tissue_hu_noise_and_texture_in_the_image(small):
     # manifest's noise_sd is the image's; FBP noise is not stationary, so flat fat shows 0.6-1.4x of it
     assert all(0.6 <= v <= 1.4 for v in noise_ratio), noise_ratio
     assert 25 <= np.median(roi_sd) <= 60 and min(roi_sd) > 15, roi_sd  # low-contrast texture
-    assert all(350 <= v <= 800 for v in cortex), cortex  # thin shell, partial volume (400-750)
+    # thin shell, partial volume: 400-750 typical; a dense healthy cortex reaches 850-950 (clinical CT: up to ~1000)
+    assert all(350 <= v <= 1000 for v in cortex), cortex
 
 
 def test_noise_comes_from_a_reconstruction_sd_and_spectrum(small):

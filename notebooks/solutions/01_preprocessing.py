@@ -2,6 +2,8 @@
 # # Solutions: notebook 01, preprocessing (Eq. 1)
 
 # %%
+import warnings
+
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -10,6 +12,8 @@ import osteo
 from osteo import plots
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
+warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
+print(plots.weights_note())
 FIG = exp.out / "figures" / "solutions"
 df = osteo.load_manifest(exp.manifest())
 slice_hu, _ = osteo.read_hu(df[df["label"] == "normal"]["path"].iloc[0])

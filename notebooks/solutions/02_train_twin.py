@@ -2,12 +2,17 @@
 # # Solutions: notebook 02, training the twin
 
 # %%
+import warnings
+
 import torch
 
 import osteo
+from osteo import plots
 from osteo.experiments import OURS
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
+warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
+print(plots.weights_note())
 ours = exp.run(exp.config(**OURS))  # notebook 02's run, from the cache
 
 

@@ -2,6 +2,8 @@
 # # Solutions: notebook 05, Table 4 (the fusion weight alpha)
 
 # %%
+import warnings
+
 from matplotlib.figure import Figure
 
 import osteo
@@ -9,6 +11,8 @@ from osteo import plots
 from osteo.experiments import OURS
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
+warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
+print(plots.weights_note())
 FIG = exp.out / "figures" / "solutions"
 
 # %% [markdown]

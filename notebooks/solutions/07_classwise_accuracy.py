@@ -2,13 +2,18 @@
 # # Solutions: notebook 07, Fig. 3 (class-wise accuracy of G_s and G_t)
 
 # %%
+import warnings
+
 import numpy as np
 import pandas as pd
 
 import osteo
+from osteo import plots
 from osteo.experiments import OURS, OURS_NO_DIS
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
+warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
+print(plots.weights_note())
 
 
 def disagreement(results):
