@@ -128,22 +128,28 @@ def test_notebook_runs_in_jupyterlab_without_errors_and_saves_clean(lab, browser
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(120_000)
     try:
-        page.goto(f"{lab['url']}/lab/tree/{name}.ipynb?token={lab['token']}")
+        # a workspace of its own: JupyterLab would otherwise restore the tabs an earlier test left open,
+        # and "run all" would go to whichever notebook it made current
+        page.goto(f"{lab['url']}/lab/workspaces/test-{name}-{secrets.token_hex(4)}/tree/{name}.ipynb?token={lab['token']}")
         page.wait_for_selector(".jp-Notebook .jp-Cell")
+        # everything below addresses the notebook widget of this file, found by its path
+        widget = f"""(() => {{ for (const w of window.jupyterapp.shell.widgets('main'))
+            if (w.context && w.context.path === '{name}.ipynb') return w; return null; }})()"""
         # wait for the kernel the notebook names to be up, then Run > Run All Cells
-        page.wait_for_function("""() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+        page.wait_for_function(f"""() => {{ const w = window.jupyterapp && {widget};
             const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
-            return k && k.status === 'idle'; }""", timeout=180_000)
-        kernel = page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.name")
+            return k && k.status === 'idle'; }}""", timeout=180_000)
+        kernel = page.evaluate(f"() => {widget}.sessionContext.session.kernel.name")
         assert kernel == KERNELSPEC["name"]
-        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        n_code = page.locator(".jp-CodeCell").count()
+        page.evaluate(f"""() => {{ const w = {widget}; window.jupyterapp.shell.activateById(w.id);
+            return window.jupyterapp.commands.execute('notebook:run-all-cells'); }}""")
+        n_code = page.evaluate(f"() => {widget}.node.querySelectorAll('.jp-CodeCell').length")
         assert n_code > 5
         # done when every cell has run, or as soon as a cell fails (Run All stops there, so waiting on
         # would only reach the timeout): an error's traceback renders as stderr, checked just below
-        page.wait_for_function(f"""() => {{
-            const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim());
-            const failed = [...document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
+        page.wait_for_function(f"""() => {{ const node = {widget}.node;
+            const p = [...node.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim());
+            const failed = [...node.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
                 .some(e => /Traceback|Error/.test(e.textContent));
             const busy = p.some(t => t === '[*]:');
             return failed && !busy || p.length === {n_code} && p.every(t => /^\\[\\d+\\]:$/.test(t)); }}""",
@@ -155,7 +161,8 @@ def test_notebook_runs_in_jupyterlab_without_errors_and_saves_clean(lab, browser
         assert not texts, f"{name}: error or stderr output in JupyterLab: {texts}"
         assert page.locator(".jp-OutputArea-output img").count() >= 2, f"{name}: the figures did not render"
         # save from JupyterLab: outputs are written into the file, and the git filter takes them out again
-        page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+        page.evaluate(f"""() => {{ const w = {widget}; window.jupyterapp.shell.activateById(w.id);
+            return window.jupyterapp.commands.execute('docmanager:save'); }}""")
         saved = lab["work"] / f"{name}.ipynb"
         deadline = time.time() + 60
         while not any(c.get("outputs") for c in json.loads(saved.read_text())["cells"] if c["cell_type"] == "code"):
