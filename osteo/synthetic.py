@@ -462,186 +462,257 @@ def _anatomy(p: _Patient, rng: np.random.Generator, conf: frozenset = frozenset(
     return an
 
 
-def _soft_tissue(an, p, rng, fem, z_body, z_mus, age_c, zt, conf):
-    """The soft tissues and extra-vertebral bone at the patient's level, as (shape, HU, kind, edge)."""
-    level, a, b = an.level, an.a, an.b
-    li = LEVELS.index(level)
-    ct = p.contrast
-    yp = b - an.concave_depth
-    m = an.muscle_hu
-    soft = []
-    add = lambda sh, hu, kind, edge=1.2: soft.append((sh, float(hu), kind, edge))
-    # body habitus: size and fat from the body latent and sex (body fat ~30-45 % of the cross-section)
-    sub = float(np.clip(10.0 + 5.0 * z_body + (5.0 if fem else -3.0) + rng.normal(0, 2), 5.0, 45.0))
-    visc = float(np.clip(1.0 + 0.35 * z_body + (-0.25 if fem else 0.1) + rng.normal(0, 0.1), 0.35, 1.9))
-    mus = float(np.clip((1.0 + 0.12 * z_mus) * (0.78 if fem else 1.0), 0.55, 1.4))
-    an.sub_fat = sub
-    back = 40.0 * math.sqrt(mus) + 8.0  # posterior body wall to the back muscles' fascia
-    y_back = yp + back + sub + 2.0
-    H = float(np.clip(105.0 + 12.0 * z_body + 0.6 * (sub - 17.0) + rng.normal(0, 6), 85.0, 160.0))
-    W = float(np.clip(1.3 * H + 18.0 + rng.normal(0, 8) + (4.0 if fem else 0.0), 115.0, 215.0))
-    by = y_back - 0.93 * H
-    bx = rng.normal(0, 3)
-    cut = _above(y_back)
-    add(_inter(_ellipse(bx, by, W, H), cut), 40.0, "skin", 0.8)
-    add(_inter(_ellipse(bx, by, W - 2, H - 2), _above(y_back - 2)), an.fat_hu, "fat", 0.8)
-    wall = 12.0 + 10.0 * mus  # abdominal wall muscles (rectus, obliques, transversus)
-    Wm, Hm = W - 2 - sub, H - 2 - sub * rng.uniform(0.8, 1.2)
-    add(_ellipse(bx, by, Wm, Hm), m, "wall", 0.8)
-    Wc, Hc = Wm - wall, Hm - wall
-    # the peritoneal cavity and retroperitoneum, filled with visceral fat
-    cav = _ellipse(bx, by, Wc, Hc)
-    add(cav, an.fat_hu + 5.0, "vfat", 0.8)
-    enh = lambda plain, pv: rng.uniform(*pv) if ct else rng.uniform(*plain)
-    wall_hu = enh((30, 45), (60, 90))
+class _Abdomen:
+    """Builds the soft tissues of one cross-section as (shape, HU, kind, edge) in painting order.
 
-    def bowel(cx, cy, ra, rb, ang, kind_content=None):
-        kind_content = kind_content or rng.choice(["fluid", "gas", "feces", "collapsed"], p=[0.35, 0.3, 0.15, 0.2])
-        if kind_content == "collapsed":
-            add(_inter(_ellipse(cx, cy, 0.6 * ra, 0.5 * rb, ang), cav), wall_hu, "bowel")
+    Each step draws from the patient's generator in a fixed order (changing the order changes every
+    image); later shapes paint over earlier ones."""
+
+    def __init__(self, an: _Anatomy, p: _Patient, rng: np.random.Generator):
+        self.an, self.p, self.rng = an, p, rng
+        self.li = LEVELS.index(an.level)
+        self.contrast = p.contrast
+        self.y_spine = an.b - an.concave_depth  # posterior edge of the vertebral body
+        self.soft = []
+
+    def add(self, shape, hu, kind, edge=1.2):
+        self.soft.append((shape, float(hu), kind, edge))
+
+    def enhanced(self, plain, portal):
+        """HU drawn from ``portal`` (contrast-enhanced scan) or ``plain`` (unenhanced)."""
+        return self.rng.uniform(*portal) if self.contrast else self.rng.uniform(*plain)
+
+    def body_wall(self, fem, z_body, z_mus):
+        """Body habitus (size and fat from the body latent and sex; body fat ~30-45 % of the
+        cross-section): skin, subcutaneous fat, wall muscles and the peritoneal cavity."""
+        rng, an = self.rng, self.an
+        sub = float(np.clip(10.0 + 5.0 * z_body + (5.0 if fem else -3.0) + rng.normal(0, 2), 5.0, 45.0))
+        self.visc = float(np.clip(1.0 + 0.35 * z_body + (-0.25 if fem else 0.1) + rng.normal(0, 0.1), 0.35, 1.9))
+        self.mus = mus = float(np.clip((1.0 + 0.12 * z_mus) * (0.78 if fem else 1.0), 0.55, 1.4))
+        an.sub_fat = self.sub = sub
+        back = 40.0 * math.sqrt(mus) + 8.0  # posterior body wall to the back muscles' fascia
+        self.y_back = y_back = self.y_spine + back + sub + 2.0
+        H = float(np.clip(105.0 + 12.0 * z_body + 0.6 * (sub - 17.0) + rng.normal(0, 6), 85.0, 160.0))
+        W = float(np.clip(1.3 * H + 18.0 + rng.normal(0, 8) + (4.0 if fem else 0.0), 115.0, 215.0))
+        self.W, self.H = W, H
+        self.bx, self.by = bx, by = rng.normal(0, 3), y_back - 0.93 * H
+        self.add(_inter(_ellipse(bx, by, W, H), _above(y_back)), 40.0, "skin", 0.8)
+        self.add(_inter(_ellipse(bx, by, W - 2, H - 2), _above(y_back - 2)), an.fat_hu, "fat", 0.8)
+        self.wall = 12.0 + 10.0 * mus  # abdominal wall muscles (rectus, obliques, transversus)
+        self.Wm, self.Hm = W - 2 - sub, H - 2 - sub * rng.uniform(0.8, 1.2)
+        self.add(_ellipse(bx, by, self.Wm, self.Hm), an.muscle_hu, "wall", 0.8)
+        self.Wc, self.Hc = self.Wm - self.wall, self.Hm - self.wall
+        # the peritoneal cavity and retroperitoneum, filled with visceral fat
+        self.cavity = _ellipse(bx, by, self.Wc, self.Hc)
+        self.add(self.cavity, an.fat_hu + 5.0, "vfat", 0.8)
+
+    def bowel(self, cx, cy, ra, rb, ang, content=None):
+        """One bowel loop: wall, and fluid, gas (an air-fluid level), feces or collapsed."""
+        rng, cav = self.rng, self.cavity
+        content = content or rng.choice(["fluid", "gas", "feces", "collapsed"], p=[0.35, 0.3, 0.15, 0.2])
+        if content == "collapsed":
+            self.add(_inter(_ellipse(cx, cy, 0.6 * ra, 0.5 * rb, ang), cav), self.wall_hu, "bowel")
             return
-        add(_inter(_ellipse(cx, cy, ra, rb, ang), cav), wall_hu, "bowel")
+        self.add(_inter(_ellipse(cx, cy, ra, rb, ang), cav), self.wall_hu, "bowel")
         lumen = _ellipse(cx, cy, max(ra - 2.5, 1.0), max(rb - 2.5, 1.0), ang)
-        if kind_content == "feces":
-            add(lumen, rng.uniform(-60, 10), "bowel")
+        if content == "feces":
+            self.add(lumen, rng.uniform(-60, 10), "bowel")
             for _ in range(int(rng.integers(3, 7))):
-                add(_circle(cx + rng.uniform(-0.6, 0.6) * ra, cy + rng.uniform(-0.6, 0.6) * rb,
-                            rng.uniform(1.0, 2.5)), -900, "gas", 0.6)
+                self.add(_circle(cx + rng.uniform(-0.6, 0.6) * ra, cy + rng.uniform(-0.6, 0.6) * rb,
+                                 rng.uniform(1.0, 2.5)), -900, "gas", 0.6)
         else:
-            add(lumen, rng.uniform(0, 25) + (10 if ct else 0), "bowel")
-            if kind_content == "gas":  # gas rises anteriorly (supine): an air-fluid level
-                add(_inter(lumen, _above(cy + rng.uniform(-0.3, 0.6) * rb)), rng.uniform(-1000, -960), "gas", 0.6)
+            self.add(lumen, rng.uniform(0, 25) + (10 if self.contrast else 0), "bowel")
+            if content == "gas":  # gas rises anteriorly (supine): an air-fluid level
+                self.add(_inter(lumen, _above(cy + rng.uniform(-0.3, 0.6) * rb)), rng.uniform(-1000, -960), "gas", 0.6)
 
-    # ---- organs by level (x to the patient's left, so the liver is at negative x) ----------------
-    ay_aorta = -(b + rng.uniform(10, 13))
-    ar = rng.uniform(8.5, 11.5) * (1.0 + 0.004 * (p.age - 60))
-    ax = rng.uniform(4, 12)
-    if level in ("L1", "L2"):
-        big = level == "L1"
+    def place_aorta(self):
+        """Where the aorta lies (it widens with age); the organs around it refer to it."""
+        rng, b = self.rng, self.an.b
+        self.ay_aorta = -(b + rng.uniform(10, 13))
+        self.ar = rng.uniform(8.5, 11.5) * (1.0 + 0.004 * (self.p.age - 60))
+        self.ax = rng.uniform(4, 12)
+
+    def upper_abdomen(self):
+        """L1-L2: liver, spleen, stomach (L1), pancreas, superior mesenteric artery, diaphragm crura
+        (x to the patient's left, so the liver is at negative x)."""
+        rng, an, cav = self.rng, self.an, self.cavity
+        bx, by, Wc, Hc = self.bx, self.by, self.Wc, self.Hc
+        big = an.level == "L1"
         lv = _ellipse(bx - 0.42 * Wc, by + (0.05 if big else 0.25) * Hc, (0.55 if big else 0.32) * Wc,
                       (0.62 if big else 0.4) * Hc, -0.2)
-        add(_inter(lv, cav), enh((55, 65), (100, 120)), "liver", 1.5)
+        self.add(_inter(lv, cav), self.enhanced((55, 65), (100, 120)), "liver", 1.5)
         if big or rng.random() < 0.4:
-            sp = _ellipse(bx + 0.7 * Wc, yp - rng.uniform(0, 20), (22 if big else 13) * rng.uniform(0.8, 1.2),
+            sp = _ellipse(bx + 0.7 * Wc, self.y_spine - rng.uniform(0, 20), (22 if big else 13) * rng.uniform(0.8, 1.2),
                           (42 if big else 25) * rng.uniform(0.8, 1.2), 0.5)
-            add(_inter(sp, cav), enh((45, 50), (110, 130)), "spleen", 1.5)
+            self.add(_inter(sp, cav), self.enhanced((45, 50), (110, 130)), "spleen", 1.5)
         if big:  # stomach with contents and gas anteriorly
             cx, cy = bx + 0.3 * Wc, by - 0.4 * Hc
             ra, rb = rng.uniform(30, 50), rng.uniform(20, 32)
-            add(_inter(_ellipse(cx, cy, ra, rb, 0.4), cav), wall_hu, "bowel")
+            self.add(_inter(_ellipse(cx, cy, ra, rb, 0.4), cav), self.wall_hu, "bowel")
             lum = _inter(_ellipse(cx, cy, ra - 4, rb - 4, 0.4), cav)
-            add(lum, rng.uniform(10, 35), "bowel")
-            add(_inter(lum, _above(cy - rng.uniform(0.0, 0.5) * rb)), rng.uniform(-1000, -960), "gas", 0.6)
+            self.add(lum, rng.uniform(10, 35), "bowel")
+            self.add(_inter(lum, _above(cy - rng.uniform(0.0, 0.5) * rb)), rng.uniform(-1000, -960), "gas", 0.6)
         # pancreas: head near the duodenum, body across the aorta, tail towards the spleen
-        panc_hu = enh((40, 50), (90, 110)) - 0.15 * max(p.age - 50, 0)  # fatty involution with age
-        py = ay_aorta - ar - rng.uniform(12, 18)
-        add(_capsule(-28, py + 6, 55, py - (8 if big else 0), rng.uniform(8, 11)), panc_hu, "pancreas", 1.5)
-        add(_circle(ax + rng.uniform(-2, 2), ay_aorta - ar - rng.uniform(5, 8), 3.5), an.blood_hu, "vessel")  # SMA
-        # crura of the diaphragm around the aorta
-        for side, r in ((-1, 4.0 if big else 3.0), (1, 3.2 if big else 2.0)):
-            add(_capsule(side * 0.6 * a, -0.8 * b, ax + side * (ar + 2.5), ay_aorta - 0.5 * ar, r), m, "muscle", 1.0)
-    # bowel loops pack the rest of the cavity; the gaps between them are the visceral fat
-    r_loop = rng.uniform(9, 13)
-    gap = 0.2 + 1.5 * visc
-    g = 2 * r_loop + gap
-    y_lim = yp - (25 if li <= 1 else 0)
-    for gy in np.arange(by - Hc + g / 2, y_lim, g):
-        for gx in np.arange(bx - Wc + g / 2, bx + Wc, g):
-            cx, cy = gx + rng.uniform(-0.25, 0.25) * g, gy + rng.uniform(-0.25, 0.25) * g
-            if ((cx - bx) / Wc) ** 2 + ((cy - by) / Hc) ** 2 > 0.92 or abs(cx) < a + 12 and cy > -b - 25:
-                continue
-            if li <= 1 and ((cx < bx - 0.1 * Wc) or (li == 0 and cx > bx + 0.45 * Wc and cy > by - 0.2 * Hc)):
-                continue  # liver (right), spleen (left) at L1-L2
-            bowel(cx, cy, r_loop * rng.uniform(0.7, 1.2), r_loop * rng.uniform(0.6, 1.0), rng.uniform(0, math.pi))
-    if li >= 2:  # colon: ascending (right) and descending (left), lateral
-        bowel(bx - 0.72 * Wc, by + 0.05 * Hc, rng.uniform(15, 25), rng.uniform(15, 22), 0.0,
-              rng.choice(["gas", "feces"]))
-        bowel(bx + 0.75 * Wc, by + 0.1 * Hc, rng.uniform(10, 16), rng.uniform(10, 15), 0.0,
-              rng.choice(["gas", "feces", "collapsed"]))
-    # kidneys with cortex, medulla and hilum (sinus fat, pelvis) at L1-L3
-    if li <= 2:
+        panc_hu = self.enhanced((40, 50), (90, 110)) - 0.15 * max(self.p.age - 50, 0)  # fatty involution with age
+        py = self.ay_aorta - self.ar - rng.uniform(12, 18)
+        self.add(_capsule(-28, py + 6, 55, py - (8 if big else 0), rng.uniform(8, 11)), panc_hu, "pancreas", 1.5)
+        self.add(_circle(self.ax + rng.uniform(-2, 2), self.ay_aorta - self.ar - rng.uniform(5, 8), 3.5),
+                 an.blood_hu, "vessel")  # SMA
+        for side, r in ((-1, 4.0 if big else 3.0), (1, 3.2 if big else 2.0)):  # crura around the aorta
+            self.add(_capsule(side * 0.6 * an.a, -0.8 * an.b, self.ax + side * (self.ar + 2.5),
+                              self.ay_aorta - 0.5 * self.ar, r), an.muscle_hu, "muscle", 1.0)
+
+    def bowel_loops(self):
+        """Bowel loops pack the rest of the cavity; the gaps between them are the visceral fat."""
+        rng, li, a, b = self.rng, self.li, self.an.a, self.an.b
+        bx, by, Wc, Hc = self.bx, self.by, self.Wc, self.Hc
+        r_loop = rng.uniform(9, 13)
+        gap = 0.2 + 1.5 * self.visc  # visceral fat between the loops
+        g = 2 * r_loop + gap  # grid step
+        y_lim = self.y_spine - (25 if li <= 1 else 0)
+        for gy in np.arange(by - Hc + g / 2, y_lim, g):
+            for gx in np.arange(bx - Wc + g / 2, bx + Wc, g):
+                cx, cy = gx + rng.uniform(-0.25, 0.25) * g, gy + rng.uniform(-0.25, 0.25) * g
+                if ((cx - bx) / Wc) ** 2 + ((cy - by) / Hc) ** 2 > 0.92 or abs(cx) < a + 12 and cy > -b - 25:
+                    continue
+                if li <= 1 and ((cx < bx - 0.1 * Wc) or (li == 0 and cx > bx + 0.45 * Wc and cy > by - 0.2 * Hc)):
+                    continue  # liver (right), spleen (left) at L1-L2
+                self.bowel(cx, cy, r_loop * rng.uniform(0.7, 1.2), r_loop * rng.uniform(0.6, 1.0), rng.uniform(0, math.pi))
+
+    def colon(self):
+        """L3-L5: ascending (right) and descending (left) colon, lateral."""
+        rng, bx, by, Wc, Hc = self.rng, self.bx, self.by, self.Wc, self.Hc
+        self.bowel(bx - 0.72 * Wc, by + 0.05 * Hc, rng.uniform(15, 25), rng.uniform(15, 22), 0.0,
+                   rng.choice(["gas", "feces"]))
+        self.bowel(bx + 0.75 * Wc, by + 0.1 * Hc, rng.uniform(10, 16), rng.uniform(10, 15), 0.0,
+                   rng.choice(["gas", "feces", "collapsed"]))
+
+    def kidneys(self):
+        """L1-L3: kidneys with cortex, medulla and hilum (sinus fat, pelvis, renal vein at L1-L2)."""
+        rng, an, li = self.rng, self.an, self.li
         for side in (-1, 1):
             pole = (li == 2) or (li == 0 and side == -1)  # the right kidney lies lower
-            ka, kb_ = (22, 30) if not pole else (15, 19)
-            ka, kb_ = ka * rng.uniform(0.85, 1.1), kb_ * rng.uniform(0.85, 1.1)
-            kx, ky = side * (a + 28 + ka * 0.8), yp + rng.uniform(-8, 6)
+            ka, kb = (22, 30) if not pole else (15, 19)
+            ka, kb = ka * rng.uniform(0.85, 1.1), kb * rng.uniform(0.85, 1.1)
+            kx, ky = side * (an.a + 28 + ka * 0.8), self.y_spine + rng.uniform(-8, 6)
             ang = side * rng.uniform(0.35, 0.7)
-            kid = _ellipse(kx, ky, ka, kb_, ang)
-            add(kid, enh((30, 35), (150, 200)), "kidney", 1.0)
-            add(_ellipse(kx, ky, ka * 0.62, kb_ * 0.7, ang), enh((28, 33), (100, 140)), "kidney", 1.5)
-            if not pole:  # hilum opens anteromedially: sinus fat, renal pelvis, renal vein
-                hx, hy = kx - side * 0.55 * ka, ky - 0.35 * kb_
-                add(_ellipse(hx, hy, 0.45 * ka, 0.35 * kb_, ang), an.fat_hu + 10, "kidney", 1.0)
-                add(_ellipse(hx, hy, 0.22 * ka, 0.16 * kb_, ang), rng.uniform(0, 15), "kidney", 1.0)
+            self.add(_ellipse(kx, ky, ka, kb, ang), self.enhanced((30, 35), (150, 200)), "kidney", 1.0)
+            self.add(_ellipse(kx, ky, ka * 0.62, kb * 0.7, ang), self.enhanced((28, 33), (100, 140)), "kidney", 1.5)
+            if not pole:  # hilum opens anteromedially
+                hx, hy = kx - side * 0.55 * ka, ky - 0.35 * kb
+                self.add(_ellipse(hx, hy, 0.45 * ka, 0.35 * kb, ang), an.fat_hu + 10, "kidney", 1.0)
+                self.add(_ellipse(hx, hy, 0.22 * ka, 0.16 * kb, ang), rng.uniform(0, 15), "kidney", 1.0)
                 if li <= 1:
-                    add(_capsule(hx, hy, (ax if side > 0 else -rng.uniform(16, 22)), ay_aorta - (ar if side > 0 else 0),
-                                 3.5), an.blood_hu, "vessel", 1.0)
-    # great vessels: aorta (bifurcates at L4), IVC (iliac veins at L5)
-    art_hu = rng.uniform(150, 250) if ct else rng.uniform(35, 45)
-    ven_hu = rng.uniform(100, 170) if ct else rng.uniform(35, 45)
-    if li <= 2:
-        vessels = [(ax, ay_aorta, ar)]
-        add(_ellipse(-rng.uniform(18, 24), -(b + rng.uniform(7, 11)), rng.uniform(10, 14), rng.uniform(6, 9)),
-            ven_hu, "vessel", 1.0)
-    else:
-        d = 8.0 if li == 3 else rng.uniform(15, 22)
-        vessels = [(ax - d, ay_aorta + 2, 0.62 * ar), (ax + d - 4, ay_aorta + 2, 0.62 * ar)]
-        if li == 3:
-            add(_ellipse(-rng.uniform(16, 22), -(b + 8), 11, 7), ven_hu, "vessel", 1.0)
+                    self.add(_capsule(hx, hy, (self.ax if side > 0 else -rng.uniform(16, 22)),
+                                      self.ay_aorta - (self.ar if side > 0 else 0), 3.5), an.blood_hu, "vessel", 1.0)
+
+    def great_vessels(self):
+        """Aorta (bifurcates at L4) and IVC (iliac veins at L5); returns the arteries as (x, y, r)."""
+        rng, li, b = self.rng, self.li, self.an.b
+        art_hu = rng.uniform(150, 250) if self.contrast else rng.uniform(35, 45)
+        ven_hu = rng.uniform(100, 170) if self.contrast else rng.uniform(35, 45)
+        ax, ay, ar = self.ax, self.ay_aorta, self.ar
+        if li <= 2:
+            arteries = [(ax, ay, ar)]
+            self.add(_ellipse(-rng.uniform(18, 24), -(b + rng.uniform(7, 11)), rng.uniform(10, 14), rng.uniform(6, 9)),
+                     ven_hu, "vessel", 1.0)
         else:
-            for side in (-1, 1):
-                add(_ellipse(side * 14 - 6, -(b + 6), 8, 6), ven_hu, "vessel", 1.0)
-    for vx, vy, vr in vessels:
-        add(_circle(vx, vy, vr), art_hu, "vessel", 0.8)
-    # aortic calcification: more with age, and with a low T-score when "aorta" is on
-    logit = -2.2 + 0.09 * (age_c - 60.0) - (_CALC_T_LOGOR * zt if "aorta" in conf else 0.0)
-    n_calc = 0
-    if rng.random() < 1.0 / (1.0 + math.exp(-logit)):
+            d = 8.0 if li == 3 else rng.uniform(15, 22)  # half the distance between the iliac arteries
+            arteries = [(ax - d, ay + 2, 0.62 * ar), (ax + d - 4, ay + 2, 0.62 * ar)]
+            if li == 3:
+                self.add(_ellipse(-rng.uniform(16, 22), -(b + 8), 11, 7), ven_hu, "vessel", 1.0)
+            else:
+                for side in (-1, 1):
+                    self.add(_ellipse(side * 14 - 6, -(b + 6), 8, 6), ven_hu, "vessel", 1.0)
+        for vx, vy, vr in arteries:
+            self.add(_circle(vx, vy, vr), art_hu, "vessel", 0.8)
+        return arteries
+
+    def aortic_calcification(self, arteries, age_c, zt, conf) -> int:
+        """Plaques in the arterial wall: more with age, and with a low T-score when "aorta" is on;
+        returns their number."""
+        rng = self.rng
+        logit = -2.2 + 0.09 * (age_c - 60.0) - (_CALC_T_LOGOR * zt if "aorta" in conf else 0.0)
+        if rng.random() >= 1.0 / (1.0 + math.exp(-logit)):
+            return 0
         n_calc = int(rng.integers(1, 3 + int(max(age_c - 60, 0) // 8)))
         for _ in range(n_calc):
-            vx, vy, vr = vessels[int(rng.integers(len(vessels)))]
+            vx, vy, vr = arteries[int(rng.integers(len(arteries)))]
             ang, arc = rng.uniform(0, 2 * math.pi), rng.uniform(0.2, 0.8)
             x0, y0 = vx + (vr - 0.7) * math.cos(ang), vy + (vr - 0.7) * math.sin(ang)
             x1, y1 = vx + (vr - 0.7) * math.cos(ang + arc), vy + (vr - 0.7) * math.sin(ang + arc)
-            add(_capsule(x0, y0, x1, y1, rng.uniform(0.5, 0.9)), rng.uniform(500, 1000), "calcification", 0.5)
-    an.calcium = n_calc
-    # lower ribs at L1-L2, iliac wings at L5
-    cort = _BONE_TISSUE_HU * 0.45 * _KVP_BONE[p.kvp]
-    rib_marrow = 0.6 * an.marrow_hu + 0.4 * p.density
-    if li <= 1:
+            self.add(_capsule(x0, y0, x1, y1, rng.uniform(0.5, 0.9)), rng.uniform(500, 1000), "calcification", 0.5)
+        return n_calc
+
+    def ribs(self, cortex_hu, marrow_hu):
+        """L1-L2: the lower ribs in the abdominal wall (two pairs at L1, one at L2)."""
+        rng, li = self.rng, self.li
         for side in (-1, 1):
             for j in range(2 - li):
                 ang = rng.uniform(0.15, 0.55) + 0.3 * j
-                rx = side * (Wm - wall / 2) * math.cos(ang) + bx
-                ry = by + (Hm - wall / 2) * math.sin(ang)
-                add(_ellipse(rx, ry, 6.0, 4.0, side * ang), cort, "bone", 0.6)
-                add(_ellipse(rx, ry, 4.8, 2.8, side * ang), rib_marrow, "bone", 0.6)
-    # muscles: psoas (grows L1 -> L5), quadratus lumborum (L1-L4), erector spinae and multifidus
-    pa = _PSOAS_CM2[level] * 100.0 * mus ** 2 * rng.uniform(0.85, 1.15)
-    an.psoas_cm2 = round(pa / 100.0, 2)
-    pb = math.sqrt(pa / (math.pi * 1.35))
-    for side in (-1, 1):
-        px = side * (a + 0.75 * pb - (2 if li <= 1 else 0))
-        py = -0.15 * b - 2.0 * li
-        add(_ellipse(px, py, pb, 1.35 * pb, side * 0.35), m + rng.normal(0, 1), "muscle", 1.0)
-        if li <= 3:
-            add(_ellipse(side * (a + 34 + 2 * li), yp + 10, 13 * mus * rng.uniform(0.85, 1.15), 8 * mus, side * 0.45),
-                m + rng.normal(0, 1), "muscle", 1.0)
-        es_y0, es_y1 = yp + 14, y_back - sub - 2 - 4
-        es_c, es_b = (es_y0 + es_y1) / 2, (es_y1 - es_y0) / 2
-        es_a = (24 if li <= 3 else 20) * mus * rng.uniform(0.9, 1.1)
-        add(_ellipse(side * (8 + es_a), es_c, es_a, es_b, side * 0.1), m - 4 * (1 - mus) + rng.normal(0, 1),
-            "muscle", 1.0)
-        add(_ellipse(side * 9, yp + 34, 7.5 * mus, 14 * mus), m + rng.normal(0, 1), "muscle", 1.0)
-    if li == 4:  # iliac wings with iliacus (medial) and gluteus medius (lateral)
+                rx = side * (self.Wm - self.wall / 2) * math.cos(ang) + self.bx
+                ry = self.by + (self.Hm - self.wall / 2) * math.sin(ang)
+                self.add(_ellipse(rx, ry, 6.0, 4.0, side * ang), cortex_hu, "bone", 0.6)
+                self.add(_ellipse(rx, ry, 4.8, 2.8, side * ang), marrow_hu, "bone", 0.6)
+
+    def back_muscles(self) -> float:
+        """Psoas (grows L1 -> L5), quadratus lumborum (L1-L4), erector spinae and multifidus;
+        returns the psoas area (cm2, one side)."""
+        rng, an, li, mus, m = self.rng, self.an, self.li, self.mus, self.an.muscle_hu
+        yp, a, b = self.y_spine, an.a, an.b
+        pa = _PSOAS_CM2[an.level] * 100.0 * mus ** 2 * rng.uniform(0.85, 1.15)
+        pb = math.sqrt(pa / (math.pi * 1.35))
+        for side in (-1, 1):
+            px = side * (a + 0.75 * pb - (2 if li <= 1 else 0))
+            py = -0.15 * b - 2.0 * li
+            self.add(_ellipse(px, py, pb, 1.35 * pb, side * 0.35), m + rng.normal(0, 1), "muscle", 1.0)
+            if li <= 3:
+                self.add(_ellipse(side * (a + 34 + 2 * li), yp + 10, 13 * mus * rng.uniform(0.85, 1.15), 8 * mus,
+                                  side * 0.45), m + rng.normal(0, 1), "muscle", 1.0)
+            es_y0, es_y1 = yp + 14, self.y_back - self.sub - 2 - 4
+            es_c, es_b = (es_y0 + es_y1) / 2, (es_y1 - es_y0) / 2
+            es_a = (24 if li <= 3 else 20) * mus * rng.uniform(0.9, 1.1)
+            self.add(_ellipse(side * (8 + es_a), es_c, es_a, es_b, side * 0.1), m - 4 * (1 - mus) + rng.normal(0, 1),
+                     "muscle", 1.0)
+            self.add(_ellipse(side * 9, yp + 34, 7.5 * mus, 14 * mus), m + rng.normal(0, 1), "muscle", 1.0)
+        return round(pa / 100.0, 2)
+
+    def iliac_wings(self, cortex_hu, marrow_hu):
+        """L5: iliac wings with iliacus (medial) and gluteus medius (lateral)."""
+        a, yp, m = self.an.a, self.y_spine, self.an.muscle_hu
         for side in (-1, 1):
             x0, y0, x1, y1 = side * (a + 42), yp + 22, side * (a + 88), yp - 38
-            add(_capsule(x0 + side * 10, y0 - 8, x1 + side * 14, y1 + 4, 14), m, "muscle", 1.0)  # gluteus
-            add(_capsule(x0, y0, x1, y1, 5.5), cort, "bone", 0.6)
-            add(_capsule(x0, y0, x1, y1, 3.5), rib_marrow, "bone", 0.6)
-            add(_capsule(x0 - side * 12, y0 - 14, x1 - side * 14, y1 - 6, 9), m, "muscle", 1.0)  # iliacus
-    an.soft = soft
-    an.body_outline = (bx, by, W, H, y_back)
+            self.add(_capsule(x0 + side * 10, y0 - 8, x1 + side * 14, y1 + 4, 14), m, "muscle", 1.0)  # gluteus
+            self.add(_capsule(x0, y0, x1, y1, 5.5), cortex_hu, "bone", 0.6)
+            self.add(_capsule(x0, y0, x1, y1, 3.5), marrow_hu, "bone", 0.6)
+            self.add(_capsule(x0 - side * 12, y0 - 14, x1 - side * 14, y1 - 6, 9), m, "muscle", 1.0)  # iliacus
+
+
+def _soft_tissue(an, p, rng, fem, z_body, z_mus, age_c, zt, conf):
+    """The soft tissues and extra-vertebral bone at the patient's level: sets ``an.soft`` (shape, HU,
+    kind, edge) in painting order, the body outline and the body-composition measures."""
+    ab = _Abdomen(an, p, rng)
+    ab.body_wall(fem, z_body, z_mus)
+    ab.wall_hu = ab.enhanced((30, 45), (60, 90))  # bowel and stomach wall
+    ab.place_aorta()
+    if ab.li <= 1:
+        ab.upper_abdomen()
+    ab.bowel_loops()
+    if ab.li >= 2:
+        ab.colon()
+    if ab.li <= 2:
+        ab.kidneys()
+    arteries = ab.great_vessels()
+    an.calcium = ab.aortic_calcification(arteries, age_c, zt, conf)
+    cortex_hu = _BONE_TISSUE_HU * 0.45 * _KVP_BONE[p.kvp]  # ribs and iliac wings
+    marrow_hu = 0.6 * an.marrow_hu + 0.4 * p.density
+    if ab.li <= 1:
+        ab.ribs(cortex_hu, marrow_hu)
+    an.psoas_cm2 = ab.back_muscles()
+    if ab.li == 4:
+        ab.iliac_wings(cortex_hu, marrow_hu)
+    an.soft = ab.soft
+    an.body_outline = (ab.bx, ab.by, ab.W, ab.H, ab.y_back)
 
 
 def _body_fat_fraction(an: _Anatomy) -> float:
@@ -829,44 +900,76 @@ def _background(an: _Anatomy, size: int, ps: float, rng_tex: np.random.Generator
     return img, dbg_sd
 
 
-def _render(p: _Patient, an: _Anatomy, k: int, size: int, rng: np.random.Generator, debug: bool = False,
-            bank: np.ndarray | None = None):
-    """Render slice ``k`` of patient ``p``: returns (hu int16, stats dict[, debug dict])."""
-    ps = p.pixel_spacing
+@dataclass
+class _Cut:
+    """Where slice ``k`` cuts the vertebra (``zr``: relative height of its centre, ``hz``: half its
+    thickness, both in body heights) and how the spine sits in it (``fr``)."""
+
+    step: float  # mm between neighbouring slices
+    zr: float
+    hz: float
+    density: float  # the slice's trabecular density (the patient's, +-2 %)
+    fr: _Frame
+
+
+def _cut(p: _Patient, an: _Anatomy, k: int, size: int, rng: np.random.Generator) -> _Cut:
+    """The slice's position and pose: neighbouring slices of one series barely move (a little lordosis)."""
     step = max(p.slice_thickness, 3.0)
     zmm = an.z_start + k * step  # below the upper endplate
-    zr = zmm / an.height
-    hz = 0.5 * p.slice_thickness / an.height
-    # neighbouring slices of one series: the spine barely moves (a little lordosis)
     off = (an.offset[0] + rng.normal(0, 0.2), an.offset[1] + 0.15 * k + rng.normal(0, 0.2))
     theta = an.theta + math.radians(rng.normal(0, 0.2))
     scale = an.scale * (1.0 + rng.normal(0, 0.004))
-    dens_k = p.density * (1.0 + rng.normal(0, 0.02))
-    fr = _Frame(size, ps, off, theta, scale)
+    density = p.density * (1.0 + rng.normal(0, 0.02))
+    return _Cut(step=step, zr=zmm / an.height, hz=0.5 * p.slice_thickness / an.height, density=density,
+                fr=_Frame(size, p.pixel_spacing, off, theta, scale))
+
+
+def _canvas(an: _Anatomy, size: int, ps: float, rng: np.random.Generator, debug: bool):
+    """A copy of the patient's soft tissues (drawn on the first slice) to paint the vertebra on, and
+    in debug mode the signed distances of every soft-tissue shape."""
     if an.background is None or an.background[0] != size:
         an.background = (size, _background(an, size, ps, np.random.default_rng(int(rng.integers(2 ** 62))))[0])
     img = an.background[1].copy()
-    dbg_sd = None
-    if debug:
-        dbg_sd = _background(an, size, ps, debug=True)[1]
-    paint = _painter(fr, img, dbg_sd)
+    dbg_sd = _background(an, size, ps, debug=True)[1] if debug else None
+    return img, dbg_sd
 
-    # ---- vertebra: canal, posterior elements, body (one window) -------------------------------
-    a, b = an.a, an.b
+
+@dataclass
+class _VertebraGeometry:
+    """The vertebra in one slice, on the pixel window ``win`` around it: vertebra-frame coordinates
+    ``x``, ``y`` and the pixel coverage of body and posterior elements (whole, and inside the cortex)."""
+
+    win: tuple
+    x: np.ndarray
+    y: np.ndarray
+    a: float  # body half-width and half-depth (mm), widened at the ring apophysis
+    b: float
+    y_spine: float  # posterior edge of the body
+    endplate: float  # fraction of the slice in the endplate
+    d_body: np.ndarray  # signed distance to the body's outline (mm)
+    t_loc: np.ndarray  # local cortical thickness (mm)
+    c_body: np.ndarray
+    c_body_in: np.ndarray
+    c_post: np.ndarray
+    c_post_in: np.ndarray
+
+
+def _vertebra_geometry(an: _Anatomy, cut: _Cut, paint) -> _VertebraGeometry:
+    """Paint the spinal canal; return the body and posterior elements' outlines and cortical shells
+    (one window for all)."""
+    fr, zr, hz = cut.fr, cut.zr, cut.hz
     ep = _z_overlap(zr, hz, 0.0, 0.04) + _z_overlap(zr, hz, 0.96, 1.0)  # endplate in the slice
     ring = 1.0 + 0.05 * (_z_overlap(zr, hz, 0.0, 0.1) + _z_overlap(zr, hz, 0.9, 1.0))  # ring apophysis
-    a, b = a * ring, b * ring
+    a, b = an.a * ring, an.b * ring
     yp = an.b - an.concave_depth
-    lateral = 1.0 if LEVELS.index(an.level) >= 2 else 0.0  # trefoil canal at L3-L5
     canal_parts = [_ellipse(0.0, yp + 9.0, 11.5, 8.5)]
-    if lateral:
+    if LEVELS.index(an.level) >= 2:  # trefoil canal at L3-L5
         canal_parts += [_ellipse(s * 8.5, yp + 5.0, 4.5, 3.0, s * 0.4) for s in (-1, 1)]
     for cp in canal_parts:
         paint(cp, an.fat_hu + 10.0, "canal", 0.8)
     paint(_ellipse(0.0, yp + 8.5, 8.5, 6.5), an.csf_hu, "canal", 0.8)
     post = _bone_shapes(an, zr, hz)
-    vb = _union_bbox([sh for sh, _ in post] + [_ellipse(0, 0, a, b)])
-    win = fr.window(vb)
+    win = fr.window(_union_bbox([sh for sh, _ in post] + [_ellipse(0, 0, a, b)]))
     x, y = fr.coords(win)
     d_body = np.maximum(_sd_ellipse(x, y, 0.0, 0.0, a, b),
                         -_sd_circle(x, y, 0.0, b - an.concave_depth + an.concave_r, an.concave_r))
@@ -883,16 +986,21 @@ def _render(p: _Patient, an: _Anatomy, k: int, size: int, rng: np.random.Generat
         d = np.maximum(sh.sd(x, y), -(d_canal - 0.5))
         np.maximum(c_post, np.float32(alpha) * fr.cover(d), out=c_post)
         np.maximum(c_post_in, np.float32(alpha) * fr.cover(d + an.t_post), out=c_post_in)
+    return _VertebraGeometry(win=win, x=x, y=y, a=a, b=b, y_spine=yp, endplate=ep, d_body=d_body, t_loc=t_loc,
+                             c_body=c_body, c_body_in=c_body_in, c_post=c_post, c_post_in=c_post_in)
 
-    # trabecular texture, on a fixed-size window around the body, at _UP x the pixel resolution
-    kb = _KVP_BONE[p.kvp]
+
+def _trabecular_bone(p: _Patient, an: _Anatomy, rng: np.random.Generator, cut: _Cut, g: _VertebraGeometry):
+    """The trabecular texture (made on a fixed window around the body at ``_UP`` x the pixel
+    resolution) copied onto the vertebra's window: returns (HU, bone fraction, the texture, share
+    of horizontal trabeculae, HU of the posterior elements' marrow, BV/TV)."""
     marrow = an.marrow_hu
-    bvtv = float(np.clip(an.bvtv * dens_k / p.density, 0.02, 0.45))
+    bvtv = float(np.clip(an.bvtv * cut.density / p.density, 0.02, 0.45))
     post_val = marrow + 1.1 * bvtv * (an.tissue_hu - marrow)
-    tex, frac, bv_parts = _texture(p, an, rng, bvtv, step)
-    bw = fr.centred_window(an.tex_half)
-    trab = np.full(c_body.shape, post_val, dtype=np.float32)
-    fr_t = np.full(c_body.shape, bvtv, dtype=np.float32)
+    tex, frac, h_share = _texture(p, an, rng, bvtv, cut.step)
+    bw, win = cut.fr.centred_window(an.tex_half), g.win
+    trab = np.full(g.c_body.shape, post_val, dtype=np.float32)
+    fr_t = np.full(g.c_body.shape, bvtv, dtype=np.float32)
     r0, r1 = max(bw[0].start, win[0].start), min(bw[0].stop, win[0].stop)
     q0, q1 = max(bw[1].start, win[1].start), min(bw[1].stop, win[1].stop)
     if r1 > r0 and q1 > q0:
@@ -900,64 +1008,99 @@ def _render(p: _Patient, an: _Anatomy, k: int, size: int, rng: np.random.Generat
         src = (slice(r0 - bw[0].start, r1 - bw[0].start), slice(q0 - bw[1].start, q1 - bw[1].start))
         trab[dst] = tex[src]
         fr_t[dst] = frac[src]
-    # noise-free truth inside the trabecular mask (pixels fully inside the shell, off the vein)
-    vein_a = _z_overlap(zr, hz, 0.3, 0.7)
-    d_vein = _sd_capsule(x, y, 0.0, yp - 9.0, 0.0, yp + 0.8, an.vein_r)
-    trab_mask = (c_body_in >= 1.0) & ((d_vein * scale > ps) | (vein_a < 0.02))
-    # equal mean HU: shift the bone fraction so the mask's mean is exactly that of the density model
-    if trab_mask.any():
-        shift = np.float32(bvtv - float(fr_t[trab_mask].mean()))
-        mar = (trab - fr_t * np.float32(an.tissue_hu)) / np.maximum(1.0 - fr_t, 1e-3)  # marrow under each pixel
-        fr_t = np.clip(fr_t + shift, 0.0, 1.0)
-        trab = mar + fr_t * (np.float32(an.tissue_hu) - mar)
-    # the endplate: a plate of dense bone in part of the slice
-    interior = c_body_in * trab + (1.0 - c_body_in) * np.float32(post_val)
-    cortex = np.float32(_BONE_TISSUE_HU * kb)
-    if ep > 0:
-        interior = interior + np.float32(0.5 * ep) * (cortex * np.float32(0.6) - interior)
-    sub = img[win]
-    c_bone = np.maximum(c_body, c_post)
-    c_in = np.maximum(c_body_in, c_post_in)
-    inside_val = np.where(c_body_in >= c_post_in, interior, np.float32(post_val))
+    return trab, fr_t, tex, h_share, post_val, bvtv
+
+
+def _match_density(an: _Anatomy, trab, fr_t, trab_mask, bvtv):
+    """Shift the bone fraction so that the noise-free mean HU inside ``trab_mask`` is exactly that of
+    the density model (the texture's own mean wanders); returns (HU, bone fraction)."""
+    if not trab_mask.any():
+        return trab, fr_t
+    shift = np.float32(bvtv - float(fr_t[trab_mask].mean()))
+    mar = (trab - fr_t * np.float32(an.tissue_hu)) / np.maximum(1.0 - fr_t, 1e-3)  # marrow under each pixel
+    fr_t = np.clip(fr_t + shift, 0.0, 1.0)
+    return mar + fr_t * (np.float32(an.tissue_hu) - mar), fr_t
+
+
+def _composite_vertebra(sub, p: _Patient, an: _Anatomy, g: _VertebraGeometry, trab, post_val, vein_a, d_vein, fr):
+    """The vertebra over the soft tissues ``sub`` of its window: cortex, trabecular interior, the
+    endplate (a plate of dense bone in part of the slice), the basivertebral vein; returns
+    (HU, bone coverage)."""
+    interior = g.c_body_in * trab + (1.0 - g.c_body_in) * np.float32(post_val)
+    cortex = np.float32(_BONE_TISSUE_HU * _KVP_BONE[p.kvp])
+    if g.endplate > 0:
+        interior = interior + np.float32(0.5 * g.endplate) * (cortex * np.float32(0.6) - interior)
+    c_bone = np.maximum(g.c_body, g.c_post)
+    c_in = np.maximum(g.c_body_in, g.c_post_in)
+    inside_val = np.where(g.c_body_in >= g.c_post_in, interior, np.float32(post_val))
     vert = sub * (1.0 - c_bone) + (c_bone - c_in) * cortex + c_in * inside_val
     # basivertebral vein: a channel through the posterior cortex into the body (mid-height slices)
     if vein_a > 0.02:
         c_vein = np.minimum(fr.cover(d_vein), c_bone) * np.float32(vein_a)
         vert += c_vein * (np.float32(an.blood_hu) - vert)
-    img[win] = vert
+    return vert, c_bone
 
-    if debug:
-        cort_mask = (np.abs(d_body + 0.5 * t_loc) * scale < 0.5 * ps) & (y < -0.3 * b)
-    trabecular_hu = float(vert[trab_mask].mean()) if trab_mask.any() else float("nan")
-    # a clinician's ROI: an ellipse in the anterior-central body, off the cortex and the vein
-    roi = (_sd_ellipse(x, y, 0.0, -0.15 * b, 0.6 * a, 0.55 * b) < 0) & trab_mask
-    if not roi.any():  # tiny crops
-        roi = trab_mask
 
-    # ---- scanner: PSF blur (edge-padded FFT), then noise from a filtered back-projection -----------
+def _scan(img, p: _Patient, size: int, rng: np.random.Generator, bank):
+    """The scanner: PSF blur (edge-padded FFT), then noise from a filtered back-projection;
+    returns (blurred, noise, stored HU as int16)."""
     P = _PAD
     padded = np.pad(img, P, mode="edge")
     shp = padded.shape
     obj = np.fft.rfft2(padded)
-    obj *= _amplitude(shp, float(ps), "psf", float(p.psf_sigma))
+    obj *= _amplitude(shp, float(p.pixel_spacing), "psf", float(p.psf_sigma))
     blurred = np.fft.irfft2(obj, s=shp)[P:-P, P:-P]
     if bank is None:
         bank = noise_bank(bank_size(size))
     noise = noise_patch(rng, (size, size), bank) * np.float32(p.noise_sd)
     final = blurred + noise
-    hu = np.clip(np.rint(final), -1024, 3071).astype(np.int16)
+    return blurred, noise, np.clip(np.rint(final), -1024, 3071).astype(np.int16)
+
+
+def _render(p: _Patient, an: _Anatomy, k: int, size: int, rng: np.random.Generator, debug: bool = False,
+            bank: np.ndarray | None = None):
+    """Render slice ``k`` of patient ``p``: returns (hu int16, stats dict[, debug dict])."""
+    ps = p.pixel_spacing
+    cut = _cut(p, an, k, size, rng)
+    fr, zr, scale = cut.fr, cut.zr, cut.fr.scale
+    img, dbg_sd = _canvas(an, size, ps, rng, debug)
+    g = _vertebra_geometry(an, cut, _painter(fr, img, dbg_sd))
+    x, y, win = g.x, g.y, g.win
+    trab, fr_t, tex, h_share, post_val, bvtv = _trabecular_bone(p, an, rng, cut, g)
+    # the trabecular mask: pixels fully inside the shell, off the vein
+    vein_a = _z_overlap(zr, cut.hz, 0.3, 0.7)
+    d_vein = _sd_capsule(x, y, 0.0, g.y_spine - 9.0, 0.0, g.y_spine + 0.8, an.vein_r)
+    trab_mask = (g.c_body_in >= 1.0) & ((d_vein * scale > ps) | (vein_a < 0.02))
+    trab, fr_t = _match_density(an, trab, fr_t, trab_mask, bvtv)
+    vert, c_bone = _composite_vertebra(img[win], p, an, g, trab, post_val, vein_a, d_vein, fr)
+    img[win] = vert
+    trabecular_hu = float(vert[trab_mask].mean()) if trab_mask.any() else float("nan")
+    # a clinician's ROI: an ellipse in the anterior-central body, off the cortex and the vein
+    roi = (_sd_ellipse(x, y, 0.0, -0.15 * g.b, 0.6 * g.a, 0.55 * g.b) < 0) & trab_mask
+    if not roi.any():  # tiny crops
+        roi = trab_mask
+    blurred, noise, hu = _scan(img, p, size, rng, bank)
     hu_win = hu[win].astype(np.float32)
     stats = dict(trabecular_hu=trabecular_hu, roi_hu=float(hu_win[roi].mean()), roi_sd=float(hu_win[roi].std()),
                  bv_tv=float(np.mean(fr_t[trab_mask])) if trab_mask.any() else float("nan"),
-                 marrow_hu=float(marrow), micro_score=an.micro, h_share=bv_parts,
+                 marrow_hu=float(an.marrow_hu), micro_score=an.micro, h_share=h_share,
                  z_in_vertebra=zr, section=_section(zr), vertebra_window=(win, c_bone > 0.05))
     if not debug:
         return hu, stats
-    # masks of "pure" regions, at least 2-3 mm from any other structure (for tests and figures)
+    cort_mask = (np.abs(g.d_body + 0.5 * g.t_loc) * scale < 0.5 * ps) & (y < -0.3 * g.b)
+    masks = _debug_masks(size, dbg_sd, g, scale, dict(trabecular=trab_mask, roi=roi, cortex=cort_mask,
+                                                      vertebra=c_bone > 0))
+    return hu, stats, dict(phantom=img, blurred=blurred, noise=noise, texture=tex, **masks)
+
+
+def _debug_masks(size: int, dbg_sd: dict, g: _VertebraGeometry, scale: float, window_masks: dict) -> dict:
+    """Masks of "pure" regions, at least 2-3 mm from any other structure (for tests and figures):
+    ``fat``, ``muscle``, ``organs`` (liver, spleen, kidney where present), and ``window_masks``
+    (on the vertebra's window) placed on the whole image."""
     later = lambda kinds: np.minimum.reduce([d for kd in kinds for d in dbg_sd.get(kd, [])]
                                             + [np.full((size, size), 1e9, np.float32)])
     bone_full = np.full((size, size), 1e9, np.float32)
-    bone_full[win] = np.minimum(d_body, np.where(c_post > 0, -1.0, 1e9)) * scale
+    bone_full[g.win] = np.minimum(g.d_body, np.where(g.c_post > 0, -1.0, 1e9)) * scale
     organs = ["bowel", "gas", "kidney", "vessel", "calcification", "muscle", "canal", "liver", "spleen",
               "pancreas", "bone"]
     others = np.minimum(later(organs), bone_full)
@@ -970,16 +1113,12 @@ def _render(p: _Patient, an: _Anatomy, k: int, size: int, rng: np.random.Generat
     for kd in ("liver", "spleen", "kidney"):
         if kd in dbg_sd:
             organ_masks[kd] = (later([kd]) < -3.0) & (np.minimum(later([o for o in organs if o != kd]), bone_full) > 3.0)
-    tm = np.zeros((size, size), bool)
-    tm[win] = trab_mask
-    rm = np.zeros((size, size), bool)
-    rm[win] = roi
-    cm = np.zeros((size, size), bool)
-    cm[win] = cort_mask
-    vm = np.zeros((size, size), bool)
-    vm[win] = c_bone > 0
-    return hu, stats, dict(phantom=img, blurred=blurred, noise=noise, fat=fat_mask, muscle=muscle_mask,
-                           trabecular=tm, roi=rm, cortex=cm, vertebra=vm, texture=tex, organs=organ_masks)
+    out = dict(fat=fat_mask, muscle=muscle_mask, organs=organ_masks)
+    for name, m in window_masks.items():
+        full = np.zeros((size, size), bool)
+        full[g.win] = m
+        out[name] = full
+    return out
 
 
 def _texture(p: _Patient, an: _Anatomy, rng: np.random.Generator, bvtv: float, step: float):
