@@ -455,7 +455,9 @@ def read_hu(path, frame: int | None = None):
         raise r.error("could not be read as a CT slice", e) from e
 
 
-def _to_hu(ds, frame, file_meta_note, r: _Reader):
+def _check_ct_image(ds, r: _Reader):
+    """Refuse anything but a grey CT image with integer pixel data; returns (SOP class UID,
+    modality or None, photometric interpretation or None)."""
     sop = str(ds.get("SOPClassUID", "") or "")
     modality = str(ds.get("Modality", "") or "").strip().upper() or None
     if modality is None and sop not in CT_SOP_CLASSES:
@@ -472,39 +474,28 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     if spp != 1:
         raise r.error(f"{spp} samples per pixel: not a grey CT image")
+    return sop, modality, photometric
 
+
+def _frame_index(ds, frame, r: _Reader) -> tuple[int, int]:
+    """(index of the frame to read, number of frames): a multi-frame file needs an explicit ``frame``."""
     n_frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
     if frame is None:
         if n_frames > 1:
             raise r.error(f"{n_frames} frames: osteo reads single slices; split the volume (or pass frame=)")
-        idx = 0
-    else:
-        if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
-            raise r.error(f"frame must be an int, got {frame!r}")
-        idx = int(frame)
-        if not 0 <= idx < n_frames:
-            raise r.error(f"frame {idx} out of range: the file has {n_frames} frame(s)")
+        return 0, n_frames
+    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
+        raise r.error(f"frame must be an int, got {frame!r}")
+    idx = int(frame)
+    if not 0 <= idx < n_frames:
+        raise r.error(f"frame {idx} out of range: the file has {n_frames} frame(s)")
+    return idx, n_frames
 
-    stored = _stored_pixels(ds, idx, n_frames, r)
-    pad = _padding_mask(ds, stored)
-    n_pad = int(pad.sum()) if pad is not None else 0
 
-    slope, icpt, rescale_source = _rescale(ds, idx, stored, pad, r)
-    rtype, _ = _attr(ds, idx, "PixelValueTransformationSequence", "RescaleType")
-
-    hu = stored.astype(np.float64) * slope + icpt
-    if pad is not None:
-        hu[pad] = _AIR_HU
-    hu = hu.astype(np.float32)
-
-    iop, _ = _attr(ds, idx, "PlaneOrientationSequence", "ImageOrientationPatient")
-    spacing, _ = _attr(ds, idx, "PixelMeasuresSequence", "PixelSpacing")
-    thick, _ = _attr(ds, idx, "PixelMeasuresSequence", "SliceThickness")
-    try:
-        spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
-    except (TypeError, ValueError):
-        spacing = None
-
+def _orient(hu: np.ndarray, iop, spacing, r: _Reader):
+    """Bring an axial slice to the canonical orientation (:func:`_orientation`) given its
+    ImageOrientationPatient ``iop``; returns (image, pixel spacing, what was flipped, gantry tilt in
+    degrees or None)."""
     flipped: list[str] = []
     tilt = None
     if iop is not None:
@@ -519,7 +510,32 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
         if flip_cols:
             hu = hu[:, ::-1]
             flipped.append("cols")
-    hu = np.ascontiguousarray(hu)
+    return np.ascontiguousarray(hu), spacing, flipped, tilt
+
+
+def _to_hu(ds, frame, file_meta_note, r: _Reader):
+    """HU image (float32, standard orientation) and metadata of one frame of a checked CT file."""
+    sop, modality, photometric = _check_ct_image(ds, r)
+    idx, n_frames = _frame_index(ds, frame, r)
+    stored = _stored_pixels(ds, idx, n_frames, r)
+    pad = _padding_mask(ds, stored)
+    n_pad = int(pad.sum()) if pad is not None else 0
+
+    slope, icpt, rescale_source = _rescale(ds, idx, stored, pad, r)
+    rtype, _ = _attr(ds, idx, "PixelValueTransformationSequence", "RescaleType")
+    hu = stored.astype(np.float64) * slope + icpt
+    if pad is not None:
+        hu[pad] = _AIR_HU
+    hu = hu.astype(np.float32)
+
+    iop, _ = _attr(ds, idx, "PlaneOrientationSequence", "ImageOrientationPatient")
+    spacing, _ = _attr(ds, idx, "PixelMeasuresSequence", "PixelSpacing")
+    thick, _ = _attr(ds, idx, "PixelMeasuresSequence", "SliceThickness")
+    try:
+        spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
+    except (TypeError, ValueError):
+        spacing = None
+    hu, spacing, flipped, tilt = _orient(hu, iop, spacing, r)
 
     pid = ds.get("PatientID")
     meta = {
