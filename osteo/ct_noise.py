@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import skimage  # cheap: its submodules load on first use
 
 BANK_FIELDS = 12  # fields in one bank
 _I0 = 2.0e5  # photons per ray before the patient (sets the relative noise of the sinogram)
@@ -66,7 +67,7 @@ def _phantom(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _make_field(n: int, rng: np.random.Generator, theta: np.ndarray) -> np.ndarray:
-    from skimage.transform import iradon, radon
+    from skimage.transform import iradon, radon  # heavy (~0.3 s): only when a bank is not yet cached
 
     mu = _phantom(n, rng)
     p = radon(mu, theta=theta, circle=True)
@@ -82,9 +83,7 @@ def _make_field(n: int, rng: np.random.Generator, theta: np.ndarray) -> np.ndarr
 def noise_bank(size: int = 384, seed: int = 0, n_fields: int = BANK_FIELDS) -> np.ndarray:
     """``n_fields`` FBP noise fields of ``size`` x ``size`` pixels, unit SD at the centre (float32,
     read-only). Deterministic from ``(size, seed, n_fields)``; cached in memory and on disk."""
-    from skimage import __version__ as skv
-
-    key = hashlib.sha256(f"{BANK_VERSION}|{size}|{seed}|{n_fields}|{_I0}|{skv}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{BANK_VERSION}|{size}|{seed}|{n_fields}|{_I0}|{skimage.__version__}".encode()).hexdigest()[:16]
     path = _cache_dir() / f"ct-noise-{size}-{key}.npy"
     bank = None
     if path.exists():

@@ -47,6 +47,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .privacy import dataset_identifiers, scrub
@@ -338,8 +339,6 @@ def _install_hint(tsuid: UID, decoder) -> list[str]:
 
 
 def _check_decoder(ds, r: _Reader) -> None:
-    from pydicom.pixels import get_decoder
-
     tsuid = UID(ds.file_meta.TransferSyntaxUID)
     try:
         decoder = get_decoder(tsuid)
@@ -357,8 +356,6 @@ def _check_decoder(ds, r: _Reader) -> None:
 
 
 def _stored_pixels(ds, frame: int | None, n_frames: int, r: _Reader) -> np.ndarray:
-    from pydicom.pixels import pixel_array
-
     _check_decoder(ds, r)
     try:
         if n_frames > 1:

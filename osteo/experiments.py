@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import torch
 
 from .data import SliceData, load_data
 from .metrics import accuracy_ci_seeds, compare, compare_seeds, design_effect, min_detectable_difference
-from .training import TrainConfig, TrainResult, train
+from .privacy import is_synthetic_id
+from .synthetic import SYNTHETIC_VERSION, SyntheticError, _test_slices, synthesize
+from .training import TrainConfig, TrainResult, load_model, resolve_device, train
 
 PROFILE_NAMES = ("smoke", "laptop", "paper")
 
@@ -61,8 +64,6 @@ PROFILES = {
 
 def cpu_warning(profile: Profile) -> str | None:
     """A warning when a GPU-sized profile would train on the CPU (None otherwise)."""
-    from .training import resolve_device
-
     if profile.name != "paper" or resolve_device(profile.device).type != "cpu":
         return None
     return (f"warning: profile {profile.name} without a CUDA GPU: runs not yet in results/{profile.name}/runs/ "
@@ -154,6 +155,44 @@ def project_root() -> Path:
     return here
 
 
+def shown_path(path) -> str:
+    """A path as the notebooks and messages print it: relative to the project root (never an
+    absolute path of your machine); a path outside the project shows as ``<outside the project>/<file name>``."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(project_root()).as_posix()
+    except ValueError:
+        return f"<outside the project>/{p.name}"
+
+
+def synthetic_set_problem(manifest: Path, profile: Profile) -> str | None:
+    """Why the synthetic set of ``manifest`` must be made again for ``profile`` (None: it is current).
+
+    It must be made again when an older generator made it (its ``synthetic_version`` is not
+    :data:`osteo.synthetic.SYNTHETIC_VERSION`) or when it has other sizes than the profile asks for.
+    A manifest that the generator did not write (patient ids not in its ``SYN`` format) is an error:
+    remaking the set would delete files that are not ours."""
+    try:
+        old = pd.read_csv(manifest)
+    except Exception as e:  # noqa: BLE001 - an unreadable manifest: say so, touch nothing
+        raise SyntheticError(f"{manifest}: cannot read this manifest ({e}); move the folder away to make "
+                             f"the synthetic set again") from e
+    ids = old["patient_id"] if "patient_id" in old.columns else pd.Series(dtype=object)
+    if ids.empty or not ids.map(is_synthetic_id).all():
+        raise SyntheticError(f"{manifest}: not a synthetic set made by osteo (its patient ids are not SYN...), "
+                             f"so it is left alone; move it away, or read it with data_source=")
+    versions = sorted(set(old["synthetic_version"].astype(str))) if "synthetic_version" in old.columns else []
+    if versions != [SYNTHETIC_VERSION]:
+        made = f"version {', '.join(versions)}" if versions else "a generator older than version labels"
+        return f"made by {made} of the generator, not the current {SYNTHETIC_VERSION}"
+    test = old[old["split"] == "test"] if "split" in old.columns else old.iloc[:0]
+    n_test = _test_slices(profile.n_per_class, profile.n_test_per_class)
+    if (len(old) != 3 * profile.n_per_class or old.groupby("patient_id").size().max() != profile.slices_per_patient
+            or len(test) != 3 * n_test or test["patient_id"].nunique() != len(test)):
+        return f"made for other sizes than profile {profile.name}"
+    return None
+
+
 def data_id(data: SliceData) -> str:
     """A short fingerprint of a data set: which slices (paths relative to their common folder, so
     the key does not depend on where the kit is checked out), their pixels, labels, split and image
@@ -203,24 +242,15 @@ class Experiments:
         src = self.data_source or os.environ.get("OSTEO_DATA")
         if src:
             return Path(src)
-        from .synthetic import MANIFEST_COLUMNS, _test_slices, synthesize
-
         p = self.profile
         d = self.data_dir / f"synthetic-{p.name}"
         m = d / "manifest.csv"
-        stale = False
-        if m.exists():
-            old = pd.read_csv(m)
-            test = old[old["split"] == "test"] if "split" in old.columns else old.iloc[:0]
-            n_test = _test_slices(p.n_per_class, p.n_test_per_class)
-            stale = (tuple(old.columns) != MANIFEST_COLUMNS or len(old) != 3 * p.n_per_class
-                     or old.groupby("patient_id").size().max() != p.slices_per_patient
-                     or len(test) != 3 * n_test or test["patient_id"].nunique() != len(test))
-            if stale:
-                print(f"data/{d.name} was made by an older generator or for other profile sizes: making it again")
+        stale = synthetic_set_problem(m, p) if m.exists() else None
+        if stale:
+            print(f"{shown_path(d)} was {stale}: making it again")
         if stale or not m.exists():
             synthesize(d, n_per_class=p.n_per_class, size=p.synth_size, seed=0, slices_per_patient=p.slices_per_patient,
-                       progress=self.progress, overwrite=stale, n_test_per_class=p.n_test_per_class)
+                       progress=self.progress, overwrite=bool(stale), n_test_per_class=p.n_test_per_class)
         return m
 
     def data(self, image_size: int | None = None, split: str = "patient") -> SliceData:
@@ -253,30 +283,46 @@ class Experiments:
         """Train (or load from the cache) one config."""
         return train(cfg, self.data(cfg.image_size, cfg.split), out_dir=self.run_dir(cfg), progress=self.progress)
 
-    def model(self, cfg: TrainConfig, device="cpu") -> tuple:
-        """The trained network of one config and its result: ``(model, TrainResult)`` (Grad-CAM needs weights).
+    def trained_model(self, cfg: TrainConfig, device="cpu") -> tuple:
+        """The trained network of one config with its result, ``(model, TrainResult)``, training it
+        when its weights are not on disk (Grad-CAM and predictions need weights, not just numbers).
 
-        Trains the config when it is missing. A run cached without its weights (git keeps only the
-        ``result.json`` of ``results/paper/runs/``: checkpoints are too large) is trained again, and
-        its new result replaces the old one, so the weights and the numbers shown belong together;
-        both accuracies are printed (CUDA training is not bit-for-bit repeatable).
+        - cached with weights: loaded, nothing trains;
+        - not run yet (or interrupted): trained (or resumed) like :meth:`run`;
+        - cached *without* weights (git keeps only the ``result.json`` of ``results/paper/runs/``;
+          checkpoints are too large): trained again, and says so. The new run trains in the run
+          folder's ``retraining/`` subfolder (an interrupted one resumes there); only when it has
+          finished does its result replace the old one, then its checkpoint joins it, so the weights
+          and the numbers shown belong together. Both accuracies are printed (CUDA training is not
+          bit-for-bit repeatable).
         """
-        from .plots import shown_path
-        from .training import load_model
-
         d = self.run_dir(cfg)
         ckpt, res_path = d / "checkpoint.pt", d / "result.json"
-        old = None
         if res_path.exists() and not ckpt.exists():
-            old = TrainResult.from_json(res_path)
-            print(f"{shown_path(d)}: the result of {describe(cfg)} is cached without its weights; training it again")
-            res_path.unlink()
-        result = self.run(cfg)
-        if old is not None:
-            print(f"  test accuracy {100 * old.accuracy:.2f} % before ({old.device}), "
-                  f"{100 * result.accuracy:.2f} % now ({result.device}); the new result replaces the old")
+            result = self._retrain_for_weights(cfg, d)
+        else:
+            result = self.run(cfg)
         model, _ = load_model(ckpt, device)
         return model, result
+
+    def model(self, cfg: TrainConfig, device="cpu") -> tuple:
+        """Same as :meth:`trained_model` (the older name): may train, see there."""
+        return self.trained_model(cfg, device)
+
+    def _retrain_for_weights(self, cfg: TrainConfig, d: Path) -> TrainResult:
+        """Train again a run whose result is cached without its checkpoint; replace the result only
+        once the new one exists (then move the checkpoint in)."""
+        old = TrainResult.from_json(d / "result.json")
+        stage = d / "retraining"
+        print(f"{shown_path(d)}: the result of {describe(cfg)} is cached without its weights; training it again "
+              f"to get them (the cached result stays until the new one is written)")
+        result = train(cfg, self.data(cfg.image_size, cfg.split), out_dir=stage, progress=self.progress)
+        os.replace(stage / "result.json", d / "result.json")  # first the numbers: a run without weights trains again
+        os.replace(stage / "checkpoint.pt", d / "checkpoint.pt")
+        shutil.rmtree(stage)  # what is left: temporary files of the finished run
+        print(f"  test accuracy {100 * old.accuracy:.2f} % before ({old.device}), "
+              f"{100 * result.accuracy:.2f} % now ({result.device}); the new result replaces the old")
+        return result
 
     def run_dir(self, cfg: TrainConfig) -> Path:
         """The cache folder of one config on this data: ``results/<profile>/runs/<key>``."""

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 
+from .dicom import iter_dicom_files
 from .privacy import SYNTHETIC_MARKER_TAGS, is_synthetic_dataset, pseudonymize
 
 __all__ = ["LABELS", "SPLITS", "ManifestError", "load_manifest", "split_patients", "split_slices", "check_split"]
@@ -135,10 +137,6 @@ def _abs_posix(base: Path, v: str) -> str:
 
 
 def _load_folder(root: Path, salt) -> pd.DataFrame:
-    import pydicom
-
-    from .dicom import iter_dicom_files
-
     label_of = {lab: lab for lab in LABELS}
     rows, problems = [], []
     class_dirs = []

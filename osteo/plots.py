@@ -4,20 +4,26 @@
 Figures are built with ``matplotlib.figure.Figure`` directly, not with ``pyplot``: nothing is shown
 or kept open behind your back (no ``plt.show``, no figure registry filling up memory in a long
 batch), and every function works headless (Agg). In a notebook a returned figure displays itself
-as the cell's last expression; :func:`save_figure` writes it as PNG.
+as the cell's last expression once :func:`osteo.notebook.setup` ran (the notebooks' setup cell calls
+it); :func:`save_figure` writes it as PNG.
 
 Titles and labels carry class names, model names and slice numbers only, never patient
 identifiers.
 """
 from __future__ import annotations
 
-import io
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from pydicom.data import get_testdata_file
+from scipy.ndimage import gaussian_filter
 
+from .ct_noise import radial_nps
+from .dicom import read_hu
 from .manifest import LABELS as DEFAULT_LABELS  # the classes, ordered (design section 1)
 from .windowing import HU_MAX, VIEW_HU_MIN, window
 
@@ -29,26 +35,6 @@ TABLE_COLUMNS = ["model", "paper_acc", "acc", "ci95_low", "ci95_high", "seed_sd"
                  "pretrained"]
 #: The columns of a paired table (the paper's claims "A beats B") the notebooks show.
 PAIRED_COLUMNS = ["a", "b", "seed", "paper_diff", "diff", "ci95_low", "ci95_high", "p_value", "mdd80", "holds"]
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
-
-
-def _register_with_ipython() -> None:
-    """Let a returned Figure display itself as PNG in Jupyter, whatever the matplotlib backend."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    ip = get_ipython()
-    if ip is not None and hasattr(ip, "display_formatter"):
-        ip.display_formatter.formatters["image/png"].for_type(Figure, _png)
-
-
-_register_with_ipython()
 
 
 def _grid(nrows: int, ncols: int, w: float = 2.6, h: float = 2.6, **kw):
@@ -369,71 +355,9 @@ def gradcam_grid(images, cams, row_titles=None, col_titles=None, alpha: float = 
     return fig
 
 
-# ---- what notebooks print ------------------------------------------------------------------------
-def shown_path(path) -> str:
-    """A path as the notebooks print it: relative to the project root (never an absolute path of
-    your machine); a path outside the project shows as ``<outside the project>/<file name>``."""
-    from .experiments import project_root
-
-    p = Path(path).resolve()
-    try:
-        return p.relative_to(project_root()).as_posix()
-    except ValueError:
-        return f"<outside the project>/{p.name}"
-
-
-def data_label(exp) -> str:
-    """``"synthetic data"`` unless ``exp`` reads your own manifest (``data_source`` or ``OSTEO_DATA``):
-    every figure and table of reproduced numbers says which."""
-    import os
-
-    return "your data" if (exp.data_source or os.environ.get("OSTEO_DATA")) else "synthetic data"
-
-
-def setup_summary(exp) -> str:
-    """What a notebook runs with: profile, data, results folder (relative), torch and the device."""
-    import torch
-
-    from .training import resolve_device
-
-    p = exp.profile
-    dev = resolve_device(p.device)
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    if dev.type == "cpu" and torch.cuda.is_available():
-        where += f" (a GPU is present; profile {p.name} trains on the CPU)"
-    from .experiments import cpu_warning
-
-    warning = cpu_warning(p)
-    return "\n".join(([warning] if warning else []) + [
-        f"profile {p.name}: {p.note}",
-        f"  {p.n_per_class} slices per class, {p.image_size} px, {p.epochs} epochs (ViT {p.vit_epochs}), "
-        f"batch {p.batch_size}, seeds {', '.join(map(str, p.seeds))}",
-        f"data: {data_label(exp)}; results: {shown_path(exp.out)}",
-        f"torch {torch.__version__}; training device: {where}",
-        weights_note(),
-    ])
-
-
-def weights_note() -> str:
-    """One plain line on the ImageNet weights (``pretrained="auto"``, the default): which files are in
-    the torch cache, and what happens without them. Notebooks print it instead of showing the
-    per-network warning that training from scratch gives."""
-    from .weights import status
-
-    rows = {r["file"]: r["state"] for r in status()}
-    ok = sum(state == "verified" for state in rows.values())
-    if ok == len(rows):
-        return f"ImageNet weights: all {ok} files in the torch cache, verified"
-    return (f"ImageNet weights: {ok} of {len(rows)} files in the torch cache; a network whose file is missing "
-            f"tries one download, else trains from scratch (`osteo weights download`, or `osteo weights import` "
-            f"on an offline machine: README)")
-
-
 def _noise_residual(hu: np.ndarray, sigma_px: float = 3.0) -> np.ndarray:
     """The image minus a Gaussian-smoothed copy, inside soft tissue (-200..300 HU): a rough noise
     estimate computed the same way for real and synthetic slices."""
-    from scipy.ndimage import gaussian_filter
-
     hu = np.asarray(hu, dtype=np.float64)
     res = hu - gaussian_filter(hu, sigma_px)
     inside = gaussian_filter(((hu > -200) & (hu < 300)).astype(float), sigma_px) > 0.99
@@ -444,12 +368,6 @@ def synthetic_vs_real(synthetic_dir, levels=("L1", "L3", "L5")) -> Figure:
     """Synthetic slices (``synthetic_dir``: the set's folder or its manifest) at ``levels`` beside the two real CT slices the kit can read (pydicom's
     ``CT_small.dcm`` and pydicom-data's ``explicit_VR-UN.dcm``), in the two windows of Eq. (1), with
     their HU histograms and noise power spectra (of the image minus a smoothed copy, in soft tissue)."""
-    import pandas as pd
-    from pydicom.data import get_testdata_file
-
-    from .ct_noise import radial_nps
-    from .dicom import read_hu
-
     d = Path(synthetic_dir)
     if d.is_file():  # the manifest itself
         d = d.parent
@@ -501,3 +419,19 @@ def synthetic_vs_real(synthetic_dir, levels=("L1", "L3", "L5")) -> Figure:
     hx.legend(fontsize=6, loc="upper left")
     fig.suptitle("Synthetic slices (solid) beside two real CT slices (dashed)", fontsize=10)
     return fig
+
+
+# ---- names that moved to osteo.notebook ---------------------------------------------------------
+_MOVED_TO_NOTEBOOK = ("shown_path", "data_label", "setup_summary", "weights_note")
+
+
+def __getattr__(name):
+    """``plots.setup_summary`` and the other notebook helpers of earlier versions still work, with a
+    DeprecationWarning: they live in :mod:`osteo.notebook` now. Imported on first use so that the
+    figures module does not load the experiment runner."""
+    if name in _MOVED_TO_NOTEBOOK:
+        from . import notebook  # on first use only: osteo.notebook imports the runner, plots does not
+
+        warnings.warn(f"osteo.plots.{name} moved to osteo.notebook.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(notebook, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,10 +6,12 @@ be regenerated at any time with ``osteo report --profile P``.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
-from .experiments import PROFILES, TABLES
+from .experiments import PROFILES, TABLES, project_root
 
 EXTRA_TABLES = {"clinical": "Clinical reference: threshold on mean trabecular HU (fitted on train)",
                 "fig3": "Fig. 3. Class-wise accuracy of G_s and G_t (Ours)",
@@ -174,30 +176,33 @@ def notebook_times(notebooks_dir) -> list:
     return rows
 
 
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``: a run time for people."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 def times_table(rows: list) -> str:
     """The rows of :func:`notebook_times` as a markdown table, with the total."""
-    from .cli import _duration
-
     lines = ["| notebook | run time | slowest cell |", "|---|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['notebook']} | {_duration(r['seconds'])} | "
-                     f"[{r['slowest_cell']}]: {_duration(r['slowest_seconds'] or 0)} |")
-    lines.append(f"| **all** | {_duration(sum(r['seconds'] for r in rows))} | |")
+        lines.append(f"| {r['notebook']} | {duration(r['seconds'])} | "
+                     f"[{r['slowest_cell']}]: {duration(r['slowest_seconds'] or 0)} |")
+    lines.append(f"| **all** | {duration(sum(r['seconds'] for r in rows))} | |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     """``python -m osteo.report times PROFILE``: the run time of each notebook of the last batch."""
-    import argparse
-    import sys
-
     ap = argparse.ArgumentParser(prog="python -m osteo.report", description=main.__doc__)
     ap.add_argument("what", choices=["times"])
     ap.add_argument("profile", choices=sorted(PROFILES), help="whose executed notebooks: results/PROFILE/notebooks/")
     ap.add_argument("--dir", help="another folder of executed notebooks")
     a = ap.parse_args(argv)
-    from .experiments import project_root
-
     folder = Path(a.dir) if a.dir else project_root() / "results" / a.profile / "notebooks"
     try:
         rows = notebook_times(folder)

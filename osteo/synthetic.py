@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 import multiprocessing as mp
 import os
@@ -87,6 +88,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from tqdm.auto import tqdm
 
 from .ct_noise import bank_size, noise_bank, noise_patch
 from .manifest import LABELS  # one ordering of the classes for the whole kit
@@ -1172,9 +1179,6 @@ def _uid(seed, *parts) -> str:
 
 def _dicom_template(p: _Patient, an: _Anatomy, seed: int, size: int):
     """The series' static CT header (one per patient); :func:`_dicom_bytes` fills in each slice."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-
     ps = p.pixel_spacing
     fm = FileMetaDataset()
     fm.MediaStorageSOPClassUID = CTImageStorage
@@ -1216,9 +1220,6 @@ _DYNAMIC_TAGS = (0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010)  # 
 
 def _encode(ds) -> bytes:
     """Explicit VR Little Endian encoding of a (sub-)dataset's elements."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = False, True
     write_dataset(fp, ds)
@@ -1244,10 +1245,6 @@ class _SeriesWriter:
     equal pydicom's ``save_as`` of the full dataset (:func:`_dicom_bytes`; a test checks this)."""
 
     def __init__(self, p: _Patient, an: _Anatomy, seed: int, size: int):
-        from pydicom.dataset import Dataset
-        from pydicom.filebase import DicomBytesIO
-        from pydicom.filewriter import write_file_meta_info
-
         self.p, self.an, self.seed, self.size = p, an, seed, size
         self.tpl = tpl = _dicom_template(p, an, seed, size)
         _fill_slice(tpl, np.zeros((size, size), np.int16), p, an, 0, seed)  # every dynamic element present
@@ -1301,8 +1298,6 @@ def _slice_position(size: int, ps: float, an: _Anatomy, p: _Patient, k: int):
 
 def _fill_slice(ds, hu: np.ndarray, p: _Patient, an: _Anatomy, k: int, seed: int) -> None:
     """Set the per-slice elements: stored value = HU + 1024 (int16), RescaleIntercept -1024."""
-    from pydicom.dataelem import DataElement
-
     size = hu.shape[0]
     ps = p.pixel_spacing
     sop = _uid(seed, p.patient_id, "sop", k)
@@ -1318,8 +1313,6 @@ def _fill_slice(ds, hu: np.ndarray, p: _Patient, an: _Anatomy, k: int, seed: int
 
 def _dicom_bytes(ds, hu: np.ndarray, p: _Patient, an: _Anatomy, k: int, seed: int) -> bytes:
     """One slice as a DICOM file through pydicom's own writer (the reference for :class:`_SeriesWriter`)."""
-    import io
-
     _fill_slice(ds, hu, p, an, k, seed)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -1377,8 +1370,6 @@ def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0,
     bytes, since every patient has its own seeds); one process makes the default 4500 slices of
     256 x 256 in ~30-40 s on a 2-core machine.
     """
-    from tqdm.auto import tqdm
-
     if size < 32:
         raise ValueError(f"synthesize: size must be >= 32 pixels, got {size}")
     out = Path(out_dir)

@@ -43,6 +43,53 @@ def test_runs_are_cached_by_config_and_data(tmp_path, monkeypatch):
     assert bigger.run_dir(cfg) != exp.run_dir(cfg)
 
 
+def test_a_synthetic_set_from_an_older_generator_is_made_again(tmp_path, capsys):
+    """The manifest's synthetic_version tells an older generator's set (remade, with the reason printed)
+    from a current one (kept as it is)."""
+    from osteo.synthetic import SYNTHETIC_VERSION
+
+    exp = Experiments(TINY, results_dir=tmp_path / "results", data_dir=tmp_path / "data", progress=False)
+    m = exp.manifest()
+    made = m.stat().st_mtime_ns
+    assert exp.manifest() == m and m.stat().st_mtime_ns == made and capsys.readouterr().out == ""  # current: kept
+    current = pd.read_csv(m)
+    assert set(current["synthetic_version"]) == {SYNTHETIC_VERSION}
+    for version, reason in (("synthetic-0", "made by version synthetic-0 of the generator"),
+                            (None, "made by a generator older than version labels")):
+        old = current.copy()
+        if version is None:
+            old = old.drop(columns=["synthetic_version"])
+        else:
+            old["synthetic_version"] = version
+        old.to_csv(m, index=False)
+        assert exp.manifest() == m
+        out = capsys.readouterr().out
+        assert reason in out and f"not the current {SYNTHETIC_VERSION}: making it again" in out
+        again = pd.read_csv(m)
+        assert set(again["synthetic_version"]) == {SYNTHETIC_VERSION}
+        pd.testing.assert_frame_equal(again, current)  # the same generator and seed: the same set
+        assert all((m.parent / p).is_file() for p in again["path"])
+
+
+def test_a_foreign_manifest_in_the_synthetic_folder_is_refused_untouched(tmp_path):
+    from osteo.synthetic import SyntheticError
+
+    exp = Experiments(TINY, results_dir=tmp_path / "results", data_dir=tmp_path / "data", progress=False)
+    m = exp.manifest()
+    theirs = pd.read_csv(m)
+    theirs["patient_id"] = [f"HOSP{i:04d}" for i in range(len(theirs))]  # not ids the generator writes
+    theirs = theirs.drop(columns=["synthetic_version"])
+    theirs.to_csv(m, index=False)
+    before = m.read_bytes()
+    files = sorted(p for p in m.parent.rglob("*.dcm"))
+    with pytest.raises(SyntheticError, match=r"manifest.csv: not a synthetic set made by osteo"):
+        exp.manifest()
+    assert m.read_bytes() == before and sorted(m.parent.rglob("*.dcm")) == files
+    m.write_text("not,a\n\"csv")
+    with pytest.raises(SyntheticError, match=r"manifest.csv: cannot read this manifest"):
+        exp.manifest()
+
+
 def _result(acc_correct, n=10, seed=0, groups=None):
     y = [0] * n
     pred = [0] * acc_correct + [1] * (n - acc_correct)
@@ -206,6 +253,39 @@ def test_model_retrains_a_result_cached_without_weights(tmp_path, capsys):
         assert torch.equal(p, q), name
 
 
+def test_retraining_for_weights_keeps_the_old_result_until_the_new_one_exists(tmp_path, monkeypatch, capsys):
+    """A run cached without weights trains again beside the old result: stopped half-way, the old
+    result is still there (and still what run() returns); the next call finishes and replaces it."""
+    import osteo.experiments as E
+    from osteo.training import TrainingInterrupted
+
+    exp = Experiments(TINY, results_dir=tmp_path / "results", data_dir=tmp_path / "data", progress=False)
+    cfg = exp.config(model="resnet18_acm", inputs=("t",))
+    first = exp.run(cfg)
+    d = exp.run_dir(cfg)
+    (d / "checkpoint.pt").unlink()
+    old = json.loads((d / "result.json").read_text())
+    old["device"] = "an old GPU"
+    (d / "result.json").write_text(json.dumps(old))
+    real_train = E.train
+
+    def stopped(*a, **k):
+        return real_train(*a, **{**k, "stop_after_steps": 1})
+
+    monkeypatch.setattr(E, "train", stopped)
+    with pytest.raises(TrainingInterrupted):
+        exp.trained_model(cfg)
+    assert json.loads((d / "result.json").read_text())["device"] == "an old GPU"  # not deleted
+    assert not (d / "checkpoint.pt").exists() and exp.run(cfg).device == "an old GPU"
+    assert "the cached result stays until the new one is written" in capsys.readouterr().out
+    monkeypatch.setattr(E, "train", real_train)
+    model, res = exp.model(cfg)  # the older name: the same method
+    assert "(an old GPU)" in capsys.readouterr().out
+    assert res.device == "cpu" and json.loads((d / "result.json").read_text())["device"] == "cpu"
+    assert (d / "checkpoint.pt").exists() and not (d / "retraining").exists()
+    assert res.test == first.test  # the CPU retrains bit for bit, resumed or not
+
+
 def test_paper_profile_on_a_cpu_warns(monkeypatch, capsys):
     import torch
 
@@ -221,7 +301,7 @@ def test_paper_profile_on_a_cpu_warns(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     import papermill as pm
 
-    import osteo.plots
+    import osteo.notebook
     import osteo.report
 
     ran = []
@@ -230,7 +310,7 @@ def test_paper_profile_on_a_cpu_warns(monkeypatch, capsys):
     assert cli.main(["reproduce", "--profile", "paper", "--notebooks", "01"]) == 0
     assert [Path(nb).name[:2] for nb in ran] == ["01", "09"]  # the warning does not stop it (cached runs)
     assert "warning: profile paper without a CUDA GPU" in capsys.readouterr().err
-    assert "without a CUDA GPU" in osteo.plots.setup_summary(Experiments("paper"))
+    assert "without a CUDA GPU" in osteo.notebook.setup_summary(Experiments("paper"))
 
 
 def test_a_claim_holds_only_when_interval_and_exact_test_agree():

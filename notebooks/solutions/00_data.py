@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 import osteo
-from osteo import plots
+from osteo import notebook, plots
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
 FIG = exp.out / "figures" / "solutions"
@@ -25,7 +25,7 @@ df = osteo.load_manifest(exp.manifest())
 picks = pd.concat([df[df["label"] == lab].head(6) for lab in osteo.LABELS])
 fig = plots.show_slices([osteo.read_hu(p)[0] for p in picks["path"]],
                         [f"{lab} #{i % 6 + 1}" for i, lab in enumerate(picks["label"])], per_row=6)
-print("saved", plots.shown_path(plots.save_figure(fig, FIG / "00_six_per_class.png")))
+print("saved", notebook.shown_path(plots.save_figure(fig, FIG / "00_six_per_class.png")))
 if "trabecular_hu" in df.columns:
     typical = df.groupby("label")["trabecular_hu"].median()
     nearest = picks["trabecular_hu"].apply(lambda hu: (typical - hu).abs().idxmin())
@@ -54,4 +54,4 @@ if "trabecular_hu" in df.columns:
 mine = osteo.synthesize(Path(tempfile.mkdtemp()) / "mine", n_per_class=10, size=128, seed=1, progress=False)
 print(mine.groupby("label")["trabecular_hu"].describe()[["count", "mean", "std"]].round(1))
 fig = plots.hu_histograms(mine, column="trabecular_hu")
-print("saved", plots.shown_path(plots.save_figure(fig, FIG / "00_my_histograms.png")))
+print("saved", notebook.shown_path(plots.save_figure(fig, FIG / "00_my_histograms.png")))

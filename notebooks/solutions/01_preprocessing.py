@@ -9,11 +9,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 import osteo
-from osteo import plots
+from osteo import notebook, plots
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
 warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
-print(plots.weights_note())
+print(notebook.weights_note())
 FIG = exp.out / "figures" / "solutions"
 df = osteo.load_manifest(exp.manifest())
 slice_hu, _ = osteo.read_hu(df[df["label"] == "normal"]["path"].iloc[0])
@@ -33,7 +33,7 @@ fig = Figure(figsize=(9, 3.2), layout="constrained")
 for ax, (name, (lo, hi)) in zip(fig.subplots(1, 3), windows.items()):
     ax.imshow(osteo.window(slice_hu, lo, hi), cmap="gray", vmin=0, vmax=255)
     ax.set_title(f"{name}: HU {lo:.0f} to {hi:.0f}"), ax.set_axis_off()
-print("saved", plots.shown_path(plots.save_figure(fig, FIG / "01_three_windows.png")))
+print("saved", notebook.shown_path(plots.save_figure(fig, FIG / "01_three_windows.png")))
 gaps = pd.DataFrame({name: -np.diff(osteo.window(class_hu.to_numpy(), lo, hi).astype(float))
                      for name, (lo, hi) in windows.items()},
                     index=[f"{a} to {b}" for a, b in zip(osteo.LABELS[:-1], osteo.LABELS[1:])])

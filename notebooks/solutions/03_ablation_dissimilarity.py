@@ -5,12 +5,12 @@
 import warnings
 
 import osteo
-from osteo import plots
+from osteo import notebook
 from osteo.experiments import OURS, OURS_NO_DIS, summarise
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
 warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
-print(plots.weights_note())
+print(notebook.weights_note())
 
 # %% [markdown]
 # ## Exercise 1: λ = 0.3 beside Ours (λ = 0.1)

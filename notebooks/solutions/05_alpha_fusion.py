@@ -7,12 +7,12 @@ import warnings
 from matplotlib.figure import Figure
 
 import osteo
-from osteo import plots
+from osteo import notebook, plots
 from osteo.experiments import OURS
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
 warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
-print(plots.weights_note())
+print(notebook.weights_note())
 FIG = exp.out / "figures" / "solutions"
 
 # %% [markdown]
@@ -31,7 +31,7 @@ ax.errorbar(alphas, fixed["acc"], yerr=[fixed["acc"] - fixed["ci95_low"], fixed[
             fmt="o-", capsize=3, label="fixed alpha")
 ax.axvline(learned["alpha"], color="C1", ls="--", label=f"learned alpha ends at {learned['alpha']:.3f}")
 ax.set_xlabel("alpha"), ax.set_ylabel("test accuracy (%)"), ax.legend()
-print("saved", plots.shown_path(plots.save_figure(fig, FIG / "05_acc_vs_alpha.png")))
+print("saved", notebook.shown_path(plots.save_figure(fig, FIG / "05_acc_vs_alpha.png")))
 print(f"best fixed alpha here: {alphas.iloc[fixed['acc'].argmax()]}, learned alpha: {learned['alpha']:.3f}")
 
 # %% [markdown]

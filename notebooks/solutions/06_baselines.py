@@ -7,12 +7,12 @@ import warnings
 import numpy as np
 
 import osteo
-from osteo import plots
+from osteo import notebook
 from osteo.experiments import OURS, TABLES
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
 warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
-print(plots.weights_note())
+print(notebook.weights_note())
 
 # %% [markdown]
 # ## Exercise 1: the baseline closest to Ours

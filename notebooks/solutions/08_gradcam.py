@@ -7,12 +7,12 @@ import warnings
 import torch
 
 import osteo
-from osteo import plots
+from osteo import notebook
 from osteo.experiments import OURS
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
 warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
-print(plots.weights_note())
+print(notebook.weights_note())
 n_per_class = 2
 acm_net, _ = exp.model(exp.config(model="resnet18_acm", inputs=("t",)))  # trained in notebooks 02-06
 twin, _ = exp.model(exp.config(**OURS))

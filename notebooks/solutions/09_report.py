@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 
 import osteo
-from osteo import plots
+from osteo import notebook
 from osteo.experiments import OURS, OURS_NO_DIS, project_root
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
 warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
-print(plots.weights_note())
+print(notebook.weights_note())
 
 # %% [markdown]
 # ## Exercise 1: two profiles side by side
