@@ -326,8 +326,8 @@ def _install_hint(tsuid: UID, decoder) -> list[str]:
     for line in getattr(decoder, "missing_dependencies", []) or []:
         _, _, req = line.partition("requires")
         names = []
-        for spec in re.split(r"\band\b|,", req):
-            name = re.split(r"[<>=!~ ]", spec.strip(), maxsplit=1)[0]
+        for requirement in re.split(r"\band\b|,", req):
+            name = re.split(r"[<>=!~ ]", requirement.strip(), maxsplit=1)[0]
             if name and name != "numpy":
                 names.append(_PYPI_NAME.get(name, name))
         if names and " ".join(names) not in options:

@@ -365,11 +365,12 @@ class Experiments:
         names = [n for n in (names or TABLES) if not self.missing([n])]
         rows = []
         for name in names:
-            spec = {label: (ov, p) for label, ov, p in TABLES[name]["rows"]}
+            table_rows = {label: (ov, p) for label, ov, p in TABLES[name]["rows"]}
             for a, b in paper_claims(name):
-                ra = [self.run(self.config(seed=s, **spec[a][0])) for s in self.profile.seeds]
-                rb = [self.run(self.config(seed=s, **spec[b][0])) for s in self.profile.seeds]
-                rows += paired_rows(TABLES[name]["title"].split(".")[0], a, b, ra, rb, spec[a][1] - spec[b][1])
+                ra = [self.run(self.config(seed=s, **table_rows[a][0])) for s in self.profile.seeds]
+                rb = [self.run(self.config(seed=s, **table_rows[b][0])) for s in self.profile.seeds]
+                paper_diff = table_rows[a][1] - table_rows[b][1]
+                rows += paired_rows(TABLES[name]["title"].split(".")[0], a, b, ra, rb, paper_diff)
         df = pd.DataFrame(rows)
         if save:
             self.save_table("paired", df)

@@ -412,8 +412,8 @@ class _Anatomy:
     background: tuple | None = None  # (size, image) cache of _background
     tex_half: tuple = (0, 0)  # half size (rows, cols) of the texture window, pixels
     soft: list = field(default_factory=list)  # (shape, hu, kind, edge_mm) painted in order
-    rod_spec: np.ndarray | None = None  # spectrum of the vertical trabeculae (AR(1) along z)
-    marrow_spec: np.ndarray | None = None  # spectrum of the fatty-marrow pattern (AR(1) along z)
+    rod_spectrum: np.ndarray | None = None  # spectrum of the vertical trabeculae (AR(1) along z)
+    marrow_spectrum: np.ndarray | None = None  # spectrum of the fatty-marrow pattern (AR(1) along z)
 
 
 def _anatomy(p: _Patient, rng: np.random.Generator, conf: frozenset = frozenset(CONFOUNDERS)) -> _Anatomy:
@@ -1145,7 +1145,7 @@ def _texture(p: _Patient, an: _Anatomy, rng: np.random.Generator, bvtv: float, s
     thk = p.slice_thickness
     hs = an.h_share
     bv_v, bv_h = bvtv * (1 - hs), bvtv * hs
-    an.rod_spec, V = _ar_field(rng, an.rod_spec, hi, hps, "band", an.f0, math.exp(-step / _ROD_Z))
+    an.rod_spectrum, V = _ar_field(rng, an.rod_spectrum, hi, hps, "band", an.f0, math.exp(-step / _ROD_Z))
     rods = V > _inv_norm(1.0 - min(bv_v * 1.6, 0.6))  # spots; the 1.6 leaves room for the partial volume below
     keep = min(1.0, 0.35 + 2.5 * bv_h)  # how much of the horizontal network survives
     eps = _inv_norm(0.5 + 0.5 * min(bv_h * 1.6 / keep, 0.9))
@@ -1159,7 +1159,7 @@ def _texture(p: _Patient, an: _Anatomy, rng: np.random.Generator, bvtv: float, s
     fv = np.float32(bv_v) + (fv - fv.mean()) * np.float32(kv)
     fh = np.float32(bv_h) + (fh - fh.mean()) * np.float32(kh)
     frac = np.clip(fv + fh, 0.0, 1.0)
-    an.marrow_spec, patches = _ar_field(rng, an.marrow_spec, (h, w), ps, "low", 0.12, math.exp(-step / _MARROW_Z))
+    an.marrow_spectrum, patches = _ar_field(rng, an.marrow_spectrum, (h, w), ps, "low", 0.12, math.exp(-step / _MARROW_Z))
     patches = np.abs(patches) - np.float32(math.sqrt(2 / math.pi))
     marrow_map = np.float32(an.marrow_hu) - np.float32(_MARROW_PATCH_HU * an.fat_fraction) * patches
     tex = marrow_map + frac * (np.float32(an.tissue_hu) - marrow_map)

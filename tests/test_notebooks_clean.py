@@ -70,7 +70,7 @@ def committed_texts(path: Path) -> dict:
     return out
 
 
-def test_every_notebook_of_the_issue_is_there():
+def test_every_notebook_of_the_course_is_there():
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
 
 

@@ -8,8 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONDA_TO_PIP = {"pytorch": "torch"}  # conda-forge names that differ from PyPI's
 
 
-def _name(spec: str) -> str:
-    return re.split(r"[<>=!~\[ ;]", spec.strip(), maxsplit=1)[0].lower()
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower()
 
 
 def _conda_packages():

@@ -33,11 +33,11 @@ def batch():
 
 
 def test_every_table_has_its_rows_with_numbers(batch):
-    for name, spec in TABLES.items():
+    for name, table in TABLES.items():
         meta = json.loads((OUT / "tables" / f"{name}.json").read_text())
         rows = meta["rows"]
-        assert [r["model"] for r in rows] == [label for label, _, _ in spec["rows"]]
-        for r, (_, _, paper) in zip(rows, spec["rows"]):
+        assert [r["model"] for r in rows] == [label for label, _, _ in table["rows"]]
+        for r, (_, _, paper) in zip(rows, table["rows"]):
             assert r["paper_acc"] == paper
             assert 0 <= r["ci95_low"] <= r["acc"] <= r["ci95_high"] <= 100
             assert r["n_patients"] == r["n_slices"] and "patients" in r["interval"]  # one slice per test patient
@@ -60,8 +60,8 @@ def test_extra_tables_and_figures(batch):
 
 def test_report_lists_every_table_beside_the_paper(batch):
     report = (OUT / "REPORT.md").read_text()
-    for spec in TABLES.values():
-        assert spec["title"] in report
+    for table in TABLES.values():
+        assert table["title"] in report
     assert "77.11" in report and "synthetic" in report
     assert "Fig. 3" in report and "Paired test" in report
 
