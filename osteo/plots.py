@@ -1,5 +1,4 @@
-"""Figures (and a few printouts) for the notebooks: small functions that each return a
-:class:`matplotlib.figure.Figure`.
+"""Figures for the notebooks: small functions that each return a :class:`matplotlib.figure.Figure`.
 
 Figures are built with ``matplotlib.figure.Figure`` directly, not with ``pyplot``: nothing is shown
 or kept open behind your back (no ``plt.show``, no figure registry filling up memory in a long
