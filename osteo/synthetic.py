@@ -1367,8 +1367,9 @@ def synthesize(out_dir, n_per_class: int = 1500, size: int = 256, seed: int = 0,
     lists. ``confounders``: ``True`` (all of :data:`CONFOUNDERS`), ``False`` (none) or some of their
     names: each ties one thing outside the trabecular bone to the label (module docstring); the
     labels, densities and T-scores are the same either way. ``workers > 1`` renders patients in that many forked processes (Linux/macOS; the same
-    bytes, since every patient has its own seeds); one process makes the default 4500 slices of
-    256 x 256 in ~30-40 s on a 2-core machine.
+    bytes, since every patient has its own seeds); with ``workers=2`` the default 4500 slices of
+    256 x 256 take about 25 s on a 2-core machine, 36 s on a first run that also makes the noise
+    bank (``benchmarks/synthetic_speed.py`` measures it).
     """
     if size < 32:
         raise ValueError(f"synthesize: size must be >= 32 pixels, got {size}")
