@@ -11,7 +11,7 @@ spatial mean and ``X~ = X - mu``:
   Because softmax ignores a constant per map, feeding the convs X or X~ gives the same maps;
 - P: grouped 1x1 conv C -> C/2, ReLU, grouped 1x1 conv C/2 -> C, sigmoid, applied to ``mu``;
 - ``Y = (X + K - Q) * P``; orthogonality term ``dp = mean over channels of K*Q`` (shape (B,)),
-  kept, with its graph, as ``module.dp`` after each forward. Training adds
+  RETURNED by the forward with ``Y`` (nothing is stored on the module). Training adds
   ``acm_weight * |batch mean of the dp summed over modules|`` (:func:`osteo.losses.acm_penalty`);
   the paper's Eq. (5) does not mention this term.
 """
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACM", "acm_function", "acm_orthogonality", "block_diagonal", "reference_acm_forward"]
+__all__ = ["ACM", "acm_block", "acm_function", "acm_orthogonality", "backbone_features", "block_diagonal",
+           "reference_acm_forward", "resnet_stem"]
 
 
 def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -91,7 +92,6 @@ class ACM(nn.Module):
         self.kq = nn.Conv2d(channels, 2 * groups, 1, groups=groups, bias=True)
         self.p1 = nn.Conv2d(channels, channels // 2, 1, groups=groups, bias=True)
         self.p2 = nn.Conv2d(channels // 2, channels, 1, groups=groups, bias=True)
-        self.dp: torch.Tensor | None = None
         for m in (self.kq, self.p1, self.p2):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)
@@ -99,17 +99,40 @@ class ACM(nn.Module):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, self.dp = acm_function(x, self.kq.weight, self.kq.bias, self.p1.weight, self.p1.bias,
-                                  self.p2.weight, self.p2.bias, self.groups)
-        return y
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Y, dp)``: the gated features and the (B,) orthogonality term of this module."""
+        return acm_function(x, self.kq.weight, self.kq.bias, self.p1.weight, self.p1.bias,
+                            self.p2.weight, self.p2.bias, self.groups)
 
-    def __getstate__(self):
-        # ``dp`` is a non-leaf tensor of the last forward; it must not block deepcopy or pickling.
-        state = super().__getstate__()
-        state = dict(state)
-        state["dp"] = None
-        return state
+
+# ---- the ResNet18+ACM forward, written once -------------------------------------------------------
+# These functions take the layers as callables, so the eager modules (:class:`osteo.models.ResNetACM`)
+# and the grouped engine (:mod:`osteo.grouped`, each layer of several backbones run as one) compute
+# the same forward.
+
+def resnet_stem(x: torch.Tensor, conv1, bn1) -> torch.Tensor:
+    """ResNet's stem: 7x7 conv, batch norm, ReLU, 3x3 max pool (stride 2)."""
+    return F.max_pool2d(F.relu(bn1(conv1(x))), 3, 2, 1)
+
+
+def acm_block(x: torch.Tensor, conv1, bn1, conv2, bn2, acm, downsample=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One BasicBlock with ACM on its residual branch (after ``bn2``, before the identity is added);
+    returns ``(output, dp)`` with ``dp`` the ACM term of the block."""
+    identity = x if downsample is None else downsample(x)
+    out = F.relu(bn1(conv1(x)))
+    out, dp = acm(bn2(conv2(out)))
+    return F.relu(out + identity), dp
+
+
+def backbone_features(x: torch.Tensor, stem, blocks) -> tuple[torch.Tensor, list]:
+    """Stem, the blocks in order, global average pooling: the pooled feature (B, C) and each
+    block's ACM term, in block order."""
+    x = stem(x)
+    dps = []
+    for block in blocks:
+        x, dp = block(x)
+        dps.append(dp)
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), dps
 
 
 def reference_acm_forward(module: ACM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,17 +171,11 @@ def reference_acm_forward(module: ACM, x: torch.Tensor) -> tuple[torch.Tensor, t
     return torch.stack(ys), torch.stack(dps)
 
 
-def acm_orthogonality(model: nn.Module) -> torch.Tensor | None:
-    """Sum of ``dp`` (shape (B,)) over all ACM modules of ``model`` from its last forward.
+def acm_orthogonality(model: nn.Module):
+    """Deprecated: ACM modules no longer keep ``dp`` after a forward; the term is returned instead.
 
-    None when the model has no ACM module (plain baselines); a RuntimeError if it has some but
-    none has run a forward yet.
+    Read it from the network's output: ``out.aux["acm"]`` (:class:`osteo.models.ModelOutput`; for the
+    twin also ``out.acm``), or ``ACM.forward``'s second value.
     """
-    mods = [m for m in model.modules() if isinstance(m, ACM)]
-    if not mods:
-        return None
-    dps = [m.dp for m in mods if m.dp is not None]
-    if len(dps) != len(mods):
-        raise RuntimeError(f"osteo/acm.py: {len(mods) - len(dps)} of {len(mods)} ACM modules have no dp yet; "
-                           "run a forward pass before asking for the ACM orthogonality term")
-    return torch.stack(dps).sum(dim=0)
+    raise RuntimeError("osteo/acm.py: acm_orthogonality is deprecated: ACM modules return their term; "
+                       "read out.aux['acm'] of the network's output (osteo.models.run_model)")

@@ -35,6 +35,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from .data import SliceData, SliceSet
+from .grouped import grouped_twins_forward
+from .losses import acm_penalty, twin_loss
+from .models import build_model, default_image_size
+from .training import Engine, TrainConfig, forward_heads, loss_terms, make_model, network_inputs, resolve_device, train
+from .windowing import to_network_input
+
 CUDA_ENGINES = ("eager", "grouped+compile", "compile", "grouped", "grouped+graphs", "graphs")
 CPU_ENGINES = ("eager", "grouped")
 
@@ -68,8 +75,6 @@ def _timeit(step, dev, warmup: int, steps: int, batch: int, runs: int = 1) -> di
 
 def plain_step(dev, batch, size, compile_: bool, n_models: int = 1, name: str = "resnet18"):
     """The anchor (n_models=2 plain ResNet18s) or n_models plain torchvision/timm networks, trained one after the other."""
-    from .models import build_model
-
     torch.manual_seed(0)
     models = [build_model(name, 3, pretrained=False, image_size=size).to(dev) for _ in range(n_models)]
     if dev.type == "cuda":
@@ -100,8 +105,6 @@ def _hu_batch(dev, batch, size):
 
 
 def _twin(dev, batch, size, engine: str):
-    from .training import Engine, TrainConfig, make_model
-
     cfg = TrainConfig(image_size=size, batch_size=batch, pretrained=False, device=str(dev), engine=engine)
     torch.manual_seed(0)
     model = make_model(cfg).to(dev)
@@ -123,9 +126,6 @@ def twins_train_step(dev, batch, size, n_twins: int, compile_: bool):
     batch is windowed once, every twin's loss (Eq. 5 + ACM term) is summed, then one backward and one
     Adam step. Each twin's parameters get exactly their own gradient, and Adam is per element, so
     this is N separate trainings (tests/test_engines.py checks the forward and the gradients)."""
-    from .grouped import grouped_twins_forward
-    from .training import TrainConfig, loss_terms, make_model, network_inputs
-
     alphas = [0.1, 0.3, 0.5, 0.7, 0.9, 0.2, 0.4, 0.6, 0.8][:n_twins]
     cfgs = [TrainConfig(image_size=size, batch_size=batch, pretrained=False, device=str(dev), alpha=a,
                         learn_alpha=False) for a in alphas]
@@ -154,8 +154,6 @@ def twins_train_step(dev, batch, size, n_twins: int, compile_: bool):
 
 
 def twin_eval_step(dev, batch, size, grouped: bool):
-    from .training import forward_heads
-
     cfg, model, _, hu, _ = _twin(dev, batch, size, "eager")
     model.eval()
 
@@ -168,8 +166,6 @@ def twin_eval_step(dev, batch, size, grouped: bool):
 
 
 def data_step(dev, batch, size):
-    from .training import TrainConfig, network_inputs
-
     cfg = TrainConfig(image_size=size)
     hu = torch.randint(-200, 900, (batch, size, size), dtype=torch.int16).to(dev)
     return lambda: network_inputs(cfg, hu)
@@ -181,11 +177,6 @@ def loop_check(dev, size=64, batch=24, n_train=192, epochs=3, repeats=2) -> dict
     Seconds per run of ``epochs`` epochs (training only), best of ``repeats``, alternating the two.
     ``plain_over_osteo`` >= 1 means osteo's loop is not slower.
     """
-    from .data import SliceData, SliceSet
-    from .losses import acm_penalty, twin_loss
-    from .training import TrainConfig, make_model, train
-    from .windowing import to_network_input
-
     g = torch.Generator().manual_seed(0)
     hu = torch.randint(-200, 900, (n_train + 8, size, size), generator=g, dtype=torch.int16)
     y = torch.randint(0, 3, (n_train + 8,), generator=g)
@@ -209,7 +200,7 @@ def loop_check(dev, size=64, batch=24, n_train=192, epochs=3, repeats=2) -> dict
             for i in range(0, n_train, batch):
                 idx = order[i : i + batch]
                 out = model(to_network_input(h[idx], "s"), to_network_input(h[idx], "t"))
-                loss = twin_loss(out, t[idx], cfg.lam) + acm_penalty(model.acm_term, cfg.acm_weight)
+                loss = twin_loss(out, t[idx], cfg.lam) + acm_penalty(out.acm, cfg.acm_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -231,7 +222,7 @@ def _device_name(dev) -> str:
 
 def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, device="auto", out_dir="results/bench",
         engines=None, loop=False, baselines=False, twins=5) -> dict:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     compile_ = (dev.type == "cuda") if compile_ is None else compile_
     engines = engines or (CUDA_ENGINES if dev.type == "cuda" else CPU_ENGINES)
     # Compiled steps need more warm-up: compiling, then the first runs of the compiled code
@@ -266,7 +257,7 @@ def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, devic
                 twins_train_step(dev, batch_size, image_size, twins, comp), comp, runs=twins)
     if baselines:
         for name in ("efficientnet_b0", "inception_v3", "xception", "vit_b_16"):
-            size = 299 if name in ("inception_v3", "xception") else image_size
+            size = default_image_size(name) if default_image_size(name) != 224 else image_size
             for comp in (False, True):
                 add(f"{name} {size}px [{'compile' if comp else 'eager'}]", plain_step(dev, batch_size, size, comp, 1, name), comp)
     anchor = rows["anchor (2x ResNet18)"]["images_per_s"]

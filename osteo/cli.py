@@ -17,10 +17,24 @@ of any error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
+
+from . import bench
+from . import weights as w
+from .data import load_data
+from .dicom import DicomError
+from .experiments import PROFILES, TABLES, Experiments, cpu_warning, describe, project_root, resolve_profile
+from .manifest import ManifestError
+from .models import MODELS, model_spec
+from .predict import PredictError, predict_files
+from .report import write_report
+from .synthetic import SyntheticError, synthesize
+from .training import CheckpointError, DeviceError, TrainConfig, resolve_device, train
+from .weights import WeightsError
 
 
 class UserError(Exception):
@@ -29,16 +43,8 @@ class UserError(Exception):
 
 def _user_error_types() -> tuple:
     """The exceptions that report a user's mistake (each names its file), not a bug in osteo."""
-    from .dicom import DicomError
-    from .manifest import ManifestError
-    from .predict import PredictError
-    from .training import CheckpointError, DeviceError
-    from .weights import WeightsError
-
-    types = [UserError, DicomError, ManifestError, CheckpointError, DeviceError, PredictError, WeightsError, OSError]
-    if "osteo.synthetic" in sys.modules:
-        types.append(sys.modules["osteo.synthetic"].SyntheticError)
-    return tuple(types)
+    return (UserError, DicomError, ManifestError, CheckpointError, DeviceError, PredictError, WeightsError, OSError,
+            SyntheticError)
 
 
 def _message(e: BaseException) -> str:
@@ -52,8 +58,6 @@ def _message(e: BaseException) -> str:
 
 
 def _check_profile(name: str) -> None:
-    from .experiments import PROFILES
-
     if name not in (*PROFILES, "auto"):
         raise UserError(f"--profile {name!r}: unknown profile; choose one of {', '.join(PROFILES)} or auto")
 
@@ -62,8 +66,6 @@ NOTEBOOK_OF = {"table2": "03", "table3": "04", "table4": "05", "table5": "06", "
 
 
 def _cmd_synth(a) -> int:
-    from .synthetic import synthesize
-
     out = Path(a.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{a.out_dir}: exists and is not a folder")
@@ -80,12 +82,8 @@ def _cmd_synth(a) -> int:
 
 
 def _cmd_train(a) -> int:
-    from .data import load_data
-    from .models import MODEL_NAMES
-    from .training import TrainConfig, resolve_device, train
-
-    if a.model not in ("twin", *MODEL_NAMES):
-        raise UserError(f"--model {a.model!r}: unknown model; choose twin or one of {', '.join(MODEL_NAMES)}")
+    if a.model not in MODELS:
+        raise UserError(f"--model {a.model!r}: unknown model; choose one of {', '.join(MODELS)}")
     for name in ("lr", "lam", "alpha"):
         v = getattr(a, name)
         if not v == v or v in (float("inf"), float("-inf")) or (name == "lr" and v <= 0):
@@ -96,7 +94,7 @@ def _cmd_train(a) -> int:
         raise UserError(f"{a.out}: --out exists and is not a folder")
     try:
         cfg = TrainConfig(
-            model=a.model, inputs=tuple(a.inputs) if a.inputs else (("s", "t") if a.model == "twin" else ("t",)),
+            model=a.model, inputs=tuple(a.inputs) if a.inputs else model_spec(a.model).default_inputs,
             lam=a.lam, alpha=a.alpha, learn_alpha=not a.fixed_alpha, epochs=a.epochs, batch_size=a.batch_size,
             lr=a.lr, image_size=a.image_size, pretrained={"true": True, "false": False}.get(a.pretrained, a.pretrained),
             seed=a.seed, device=a.device,
@@ -126,10 +124,7 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
 
     ``seeds`` overrides the profile's seeds (the notebooks' ``seeds`` parameter), e.g. ``[0]``.
     """
-    import papermill as pm
-
-    from .experiments import cpu_warning, project_root, resolve_profile
-    from .report import write_report
+    import papermill as pm  # optional here: papermill (and its kernel machinery) loads only to run notebooks
 
     _check_profile(profile)
     prof = resolve_profile(profile)
@@ -212,9 +207,6 @@ def _cmd_reproduce(a) -> int:
 
 
 def _cmd_report(a) -> int:
-    from .experiments import Experiments
-    from .report import write_report
-
     _check_profile(a.profile)
     exp = Experiments(a.profile, progress=False)
     print(write_report(exp.out))
@@ -232,9 +224,6 @@ def _parse_worker(text: str) -> tuple[int, int]:
 
 
 def _cmd_grid(a) -> int:
-    from .experiments import TABLES, Experiments, cpu_warning, describe
-    from .report import write_report
-
     _check_profile(a.profile)
     if a.worker:
         _parse_worker(a.worker)  # before anything is loaded
@@ -267,16 +256,12 @@ def _cmd_grid(a) -> int:
 
 
 def _cmd_predict(a) -> int:
-    from .predict import predict_files
-
     return predict_files(a.checkpoint, a.paths, out_csv=a.out, gradcam_dir=a.gradcam, device=a.device,
                          allow_unfinished=a.allow_unfinished)
 
 
 def _cmd_bench(a) -> int:
-    from .bench import main as bench_main
-
-    bench_main(a.rest)
+    bench.main(a.rest)
     return 0
 
 
@@ -285,8 +270,6 @@ def _error(message: str) -> None:
 
 
 def _cmd_weights(a) -> int:
-    from . import weights as w
-
     if a.action == "status":
         rows = w.status()
         print(f"torch cache: {w.cache_dir()}")
@@ -332,11 +315,10 @@ def _cmd_weights(a) -> int:
     return 1 if failed else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="osteo", description="osteo-kit: reproduce Choi et al. 2021 (twin ResNet18+ACM).",
-                                epilog="--debug (anywhere): show the Python traceback of any error")
-    sub = p.add_subparsers(dest="cmd", required=True)
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
+
+def _add_synth(sub) -> None:
     s = sub.add_parser("synth", help="write the synthetic CT DICOM data set")
     s.add_argument("out_dir")
     s.add_argument("--n-per-class", type=int, default=1500)
@@ -348,23 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_synth)
 
+
+def _add_train(sub) -> None:
+    """``osteo train``: every default is TrainConfig's own."""
+    d = _TRAIN_DEFAULTS
     t = sub.add_parser("train", help="train one model on a manifest or class folder")
     t.add_argument("manifest")
     t.add_argument("--out", required=True, help="run folder: checkpoint.pt and result.json")
-    t.add_argument("--model", default="twin")
-    t.add_argument("--inputs", nargs="+", choices=["s", "t"])
-    t.add_argument("--lam", type=float, default=0.1)
-    t.add_argument("--alpha", type=float, default=0.5)
+    t.add_argument("--model", default=d["model"], help=f"one of {', '.join(MODELS)}")
+    t.add_argument("--inputs", nargs="+", choices=["s", "t"], help="the views the network reads (default: its own)")
+    t.add_argument("--lam", type=float, default=d["lam"])
+    t.add_argument("--alpha", type=float, default=d["alpha"])
     t.add_argument("--fixed-alpha", action="store_true")
-    t.add_argument("--epochs", type=int, default=60)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--image-size", type=int, default=224)
-    t.add_argument("--pretrained", default="auto", choices=["auto", "true", "false"])
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--epochs", type=int, default=d["epochs"])
+    t.add_argument("--batch-size", type=int, default=d["batch_size"])
+    t.add_argument("--lr", type=float, default=d["lr"])
+    t.add_argument("--image-size", type=int, default=d["image_size"])
+    t.add_argument("--pretrained", default=str(d["pretrained"]).lower(), choices=["auto", "true", "false"])
+    t.add_argument("--seed", type=int, default=d["seed"])
+    t.add_argument("--device", default=d["device"])
     t.set_defaults(func=_cmd_train)
 
+
+def _add_runs(sub) -> None:
+    """``osteo reproduce``, ``grid`` and ``report``: the paper's experiments."""
     r = sub.add_parser("reproduce", help="run all notebooks headless into results/<profile>/")
     r.add_argument("--profile", default="auto", help="smoke, laptop, paper or auto (paper with CUDA, else laptop)")
     r.add_argument("--notebooks", nargs="+", help="numbers or names of the notebooks to run (default: all)")
@@ -387,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--profile", default="auto")
     rp.set_defaults(func=_cmd_report)
 
+
+def _add_predict(sub) -> None:
     pr = sub.add_parser("predict", help="classify DICOM slices with a trained checkpoint")
     pr.add_argument("checkpoint")
     pr.add_argument("paths", nargs="+", help="DICOM files or folders")
@@ -397,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="predict with the checkpoint of a run stopped before its last epoch (with a warning)")
     pr.set_defaults(func=_cmd_predict)
 
+
+def _add_weights(sub) -> None:
     wp = sub.add_parser("weights", help="ImageNet weights: status, download, import (for offline machines)")
     wsub = wp.add_subparsers(dest="action", required=True)
     wsub.add_parser("status", help="which networks' weights are in the torch cache and match their published hash")
@@ -409,6 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     wi.add_argument("files", nargs="+", metavar="FILE")
     wp.set_defaults(func=_cmd_weights)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osteo", description="osteo-kit: reproduce Choi et al. 2021 (twin ResNet18+ACM).",
+                                epilog="--debug (anywhere): show the Python traceback of any error")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _add_synth(sub)
+    _add_train(sub)
+    _add_runs(sub)
+    _add_predict(sub)
+    _add_weights(sub)
     b = sub.add_parser("bench", help="training throughput vs plain ResNet18s (options: osteo bench --help)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_bench)
@@ -423,9 +426,7 @@ def main(argv=None) -> int:
     argv = [x for x in argv if x != "--debug"]
     try:
         if argv[:1] == ["bench"]:  # argparse's REMAINDER drops options that come first; bench parses its own
-            from .bench import main as bench_main
-
-            bench_main(argv[1:])
+            bench.main(argv[1:])
             return 0
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from .data import SliceData, load_data
+from .models import DEFAULT_MODEL, MODELS, default_image_size, model_spec, scaled_image_size
 from .metrics import accuracy_ci_seeds, compare, compare_seeds, design_effect, min_detectable_difference
 from .privacy import is_synthetic_id
 from .synthetic import SYNTHETIC_VERSION, SyntheticError, _test_slices, synthesize
@@ -137,8 +138,8 @@ def paper_claims(name: str) -> list:
     return claims
 
 
-# Inception-v3 and Xception read 299 px where the others read 224 (design section 3).
-LARGE_INPUT_MODELS = ("inception_v3", "xception")
+# Inception-v3 and Xception read 299 px where the others read 224 (design section 3; the model registry says).
+LARGE_INPUT_MODELS = tuple(name for name in MODELS if default_image_size(name) != 224)
 
 
 def project_root() -> Path:
@@ -265,10 +266,8 @@ class Experiments:
     def config(self, seed: int = 0, **overrides) -> TrainConfig:
         """The profile's config for one experiment (the overrides name the experiment)."""
         p = self.profile
-        model = overrides.get("model", "twin")
-        size = p.image_size
-        if model in LARGE_INPUT_MODELS:
-            size = int(round(p.image_size * 299 / 224))
+        model = overrides.get("model", DEFAULT_MODEL)
+        size = scaled_image_size(model, p.image_size)
         base = dict(
             epochs=p.vit_epochs if model == "vit_b_16" else p.epochs,
             batch_size=p.batch_size,
@@ -437,8 +436,9 @@ class Experiments:
 
 def describe(cfg: TrainConfig) -> str:
     """A short name of a run: model, inputs, lambda, alpha, seed."""
-    alpha = f", alpha {'learned' if cfg.learn_alpha else cfg.alpha}" if cfg.model == "twin" else ""
-    lam = f", lambda {cfg.lam}" if cfg.model == "twin" else ""
+    options = model_spec(cfg.model).options  # the twin reads lambda and alpha; a single network neither
+    alpha = f", alpha {'learned' if cfg.learn_alpha else cfg.alpha}" if "alpha" in options else ""
+    lam = f", lambda {cfg.lam}" if "lam" in options else ""
     return f"{cfg.model} ({'+'.join(cfg.inputs)}{lam}{alpha}), seed {cfg.seed}"
 
 

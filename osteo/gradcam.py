@@ -3,7 +3,8 @@
 ``cam = ReLU(sum_c w_c * A_c)`` with ``A`` the activations of a target layer and ``w_c`` the
 spatial mean of d(logit of the target class)/dA_c; then bilinearly upsampled to the input size
 and min-max normalised per sample to [0, 1] (both optional). Works on any callable returning
-logits, e.g. ``lambda a, b: twin(a, b).logits_s`` with layer ``twin.G_s.layer4[-1]``.
+logits, e.g. ``lambda a, b: twin(a, b).logits_s`` with layer ``twin.G_s.layer4[-1]``. A layer may
+return a tuple whose first item is the maps (the ACM blocks return ``(output, dp)``).
 
 The forward hook hands the rest of the network a detached copy of the layer's output that
 requires grad, and the gradient is taken with ``torch.autograd.grad``: no parameter ``.grad`` is
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GradCAM", "grad_cam"]
+__all__ = ["GradCAM", "grad_cam", "overlay"]
 
 
 class GradCAM:
@@ -38,12 +39,16 @@ class GradCAM:
         self._handle = layer.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
+        # a block that returns (maps, extra terms), as the ACM blocks return (output, dp): the maps are the first
+        rest = None
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            output, rest = output[0], output[1:]
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"osteo/gradcam.py: the Grad-CAM layer {type(module).__name__} must output one tensor, "
                             f"got {type(output).__name__}")
         act = output.detach().requires_grad_(True)
         self._act = act
-        return act
+        return act if rest is None else (act, *rest)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -134,3 +139,23 @@ def grad_cam(fn, layer: nn.Module, *inputs: torch.Tensor, target, normalize: boo
     """
     with GradCAM(fn, layer) as cam:
         return cam(*inputs, target=target, normalize=normalize, upsample=upsample)
+
+
+def overlay(ax, image, cam=None, alpha: float = 0.4, title: str | None = None, fontsize=None) -> None:
+    """Draw a Grad-CAM map over a grey slice on a matplotlib axis: the one drawing of Fig. 4's maps
+    (``osteo predict --gradcam`` and :func:`osteo.plots.gradcam_grid` both use it).
+
+    ``image``: the windowed slice (H, W), grey levels 0-255; ``cam``: the map (H, W) in [0, 1] shown
+    with the jet colour map at opacity ``alpha`` (None: the slice alone). Ticks are hidden (axis
+    labels stay, for row titles).
+    """
+    ax.imshow(_numpy(image), cmap="gray", vmin=0, vmax=255)
+    if cam is not None:
+        ax.imshow(_numpy(cam), cmap="jet", vmin=0, vmax=1, alpha=alpha)
+    ax.set_xticks([]), ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, fontsize=fontsize)
+
+
+def _numpy(x):
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x

@@ -12,7 +12,10 @@ concatenated channels). Channels ``0..C-1`` of every feature map are then ``G_s`
 gradients and batch-norm statistics) with the model's own parameters: the weights are concatenated
 inside the forward, so gradients flow back to ``G_s`` and ``G_t``, and state dicts, checkpoints and
 optimisers are the same for both engines. Batch-norm running statistics are written back to each
-backbone's buffers.
+backbone's buffers. The forward itself is not written again: the eager modules and this engine run
+the same functions (:func:`osteo.acm.resnet_stem`, :func:`osteo.acm.acm_block`,
+:func:`osteo.acm.backbone_features`, and the twin's own heads, ``TwinNet.output``, for Eq. 2), only
+with each layer given as the grouped layer of all backbones.
 
 :func:`grouped_twins_forward` does the same for several twins at once (2N backbones as one network),
 for example Table 4's five fixed-alpha twins, which train on the same batches: the benchmark measures
@@ -20,12 +23,14 @@ whether that fills a large GPU better than training them one after the other.
 """
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .acm import acm_function
-from .models import TwinNet, TwinOutput
+from .acm import acm_block, acm_function, backbone_features, resnet_stem
 
 __all__ = ["grouped_twin_forward", "grouped_twins_forward"]
 
@@ -76,16 +81,22 @@ class _ACMWeights:
         self.p2_weight, self.p2_bias = m.p2.weight, m.p2.bias
 
 
+def _grouped(fn, modules: list):
+    return functools.partial(fn, list(modules))
+
+
 def _block(blocks: list, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of every backbone as one grouped block (:func:`osteo.acm.acm_block`)."""
     b = blocks[0]
-    if b.downsample is None:
-        identity = x
-    else:
-        identity = _batch_norm([m.downsample[1] for m in blocks], _conv([m.downsample[0] for m in blocks], x))
-    out = F.relu(_batch_norm([m.bn1 for m in blocks], _conv([m.conv1 for m in blocks], x)))
-    out = _batch_norm([m.bn2 for m in blocks], _conv([m.conv2 for m in blocks], out))
-    out, dp = _acm([_ACMWeights(m.acm) for m in blocks], out)
-    return F.relu(out + identity), dp
+    downsample = None
+    if b.downsample is not None:
+        conv, bn = _grouped(_conv, [m.downsample[0] for m in blocks]), _grouped(_batch_norm, [m.downsample[1] for m in blocks])
+        downsample = lambda x: bn(conv(x))  # noqa: E731
+    return acm_block(
+        x, _grouped(_conv, [m.conv1 for m in blocks]), _grouped(_batch_norm, [m.bn1 for m in blocks]),
+        _grouped(_conv, [m.conv2 for m in blocks]), _grouped(_batch_norm, [m.bn2 for m in blocks]),
+        _grouped(_acm, [_ACMWeights(m.acm) for m in blocks]), downsample,
+    )
 
 
 def _grouped_backbones(nets: list, xs: list) -> tuple[list, torch.Tensor]:
@@ -94,15 +105,11 @@ def _grouped_backbones(nets: list, xs: list) -> tuple[list, torch.Tensor]:
     x = torch.cat(xs, dim=1)
     if xs[0].is_contiguous(memory_format=torch.channels_last) and not xs[0].is_contiguous():
         x = x.contiguous(memory_format=torch.channels_last)
-    x = F.relu(_batch_norm([n.bn1 for n in nets], _conv([n.conv1 for n in nets], x)))
-    x = F.max_pool2d(x, 3, 2, 1)
-    acm_terms = None
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        for blocks in zip(*(getattr(n, name) for n in nets)):
-            x, dp = _block(list(blocks), x)
-            acm_terms = dp if acm_terms is None else acm_terms + dp
-    g = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-    return list(g.chunk(len(nets), dim=1)), acm_terms
+    stem = functools.partial(resnet_stem, conv1=_grouped(_conv, [n.conv1 for n in nets]),
+                             bn1=_grouped(_batch_norm, [n.bn1 for n in nets]))
+    blocks = [_grouped(_block, blocks) for blocks in zip(*(n.blocks() for n in nets))]
+    g, dps = backbone_features(x, stem, blocks)
+    return list(g.chunk(len(nets), dim=1)), functools.reduce(operator.add, dps)
 
 
 def grouped_twins_forward(models: list, views: list) -> list:
@@ -112,17 +119,15 @@ def grouped_twins_forward(models: list, views: list) -> list:
     feats, acm_terms = _grouped_backbones(nets, [x for pair in views for x in pair])
     out = []
     for i, m in enumerate(models):
-        g_s, g_t = feats[2 * i], feats[2 * i + 1]
-        fused = m.alpha * g_s + (1 - m.alpha) * g_t
-        out.append((TwinOutput(m.head_s(g_s), m.head_t(g_t), m.head_f(fused), g_s, g_t),
-                    acm_terms[:, 2 * i] + acm_terms[:, 2 * i + 1]))
+        o = m.output(feats[2 * i], feats[2 * i + 1], acm_terms[:, 2 * i] + acm_terms[:, 2 * i + 1])
+        out.append((o, o.acm))
     return out
 
 
-def grouped_twin_forward(model: TwinNet, x_s: torch.Tensor, x_t: torch.Tensor) -> tuple[TwinOutput, torch.Tensor]:
+def grouped_twin_forward(model, x_s: torch.Tensor, x_t: torch.Tensor) -> tuple:
     """``model(x_s, x_t)`` computed as one grouped network; returns ``(TwinOutput, acm_term)``.
 
-    ``acm_term`` is what ``model.acm_term`` holds after a plain forward (the (B,) sum of ACM's
-    ``dp`` over the 16 modules of both backbones); this path does not set the modules' ``dp``.
+    ``acm_term`` is the output's ``acm`` (the (B,) sum of ACM's ``dp`` over the 16 modules of both
+    backbones), as the eager forward returns it.
     """
     return grouped_twins_forward([model], [(x_s, x_t)])[0]

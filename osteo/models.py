@@ -7,7 +7,9 @@ model carries ``model.pretrained_used`` (bool) and ``model.imagenet_weights`` (f
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -15,11 +17,14 @@ from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from . import weights
-from .acm import ACM, acm_orthogonality
+from .acm import ACM, acm_block, backbone_features, resnet_stem
+from .grouped import grouped_twin_forward
 
 __all__ = [
-    "MODEL_NAMES", "TWIN_INITS", "XCEPTION_TIMM_NAME", "BasicBlockACM", "TwinNet", "TwinOutput", "build_model",
-    "default_image_size", "gradcam_layer", "imagenet_cache_path", "load_imagenet_weights", "resnet18_acm",
+    "MODELS", "MODEL_NAMES", "TWIN_INITS", "XCEPTION_TIMM_NAME", "BasicBlockACM", "ModelOutput", "ModelSpec",
+    "ResNetACM", "TwinNet", "TwinOutput", "build_model", "default_image_size", "fuse", "gradcam_layer",
+    "imagenet_cache_path", "load_imagenet_weights", "model_spec", "register_model", "resnet18_acm", "run_model",
+    "scaled_image_size",
 ]
 
 #: Single-input models of Table 5 that :func:`build_model` knows ("twin" is :class:`TwinNet`).
@@ -97,11 +102,19 @@ def _load_state(model: nn.Module, arch: str, state: dict, source: str) -> None:
         model.transform_input = True  # the Google weights expect inputs in [-1, 1]; ours are ImageNet-normalised
 
 
+# ---- the ResNet18+ACM networks ---------------------------------------------------------------------
+
+def fuse(alpha, g_s: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
+    """Eq. (2): the fused feature ``g = alpha * g_s + (1 - alpha) * g_t`` read by the head F."""
+    return alpha * g_s + (1 - alpha) * g_t
+
+
 class BasicBlockACM(BasicBlock):
     """torchvision's BasicBlock with an ACM on the residual branch after ``bn2``, before the identity is added.
 
     Our placement for ResNet18 (design section 2; the official ACM code has Bottleneck ResNets only). The
-    block's own parameter names are torchvision's, so ImageNet weights load into it unchanged.
+    block's own parameter names are torchvision's, so ImageNet weights load into it unchanged. Its
+    forward returns ``(output, dp)``: the block's output and its ACM term (B,).
     """
 
     acm_groups = 32
@@ -110,15 +123,31 @@ class BasicBlockACM(BasicBlock):
         super().__init__(*args, **kwargs)
         self.acm = ACM(self.bn2.num_features, groups=self.acm_groups)
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return acm_block(x, self.conv1, self.bn1, self.conv2, self.bn2, self.acm, self.downsample)
+
+
+class ResNetACM(ResNet):
+    """ResNet of :class:`BasicBlockACM` blocks; state-dict keys are torchvision's ResNet's.
+
+    :meth:`features` returns the pooled feature and the ACM term (the (B,) sum of ``dp`` over the
+    blocks); ``forward`` returns ``fc`` of the feature (the logits, or the feature itself when
+    ``fc`` is the identity, as in the twin's backbones).
+    """
+
+    def blocks(self) -> list:
+        return [b for layer in (self.layer1, self.layer2, self.layer3, self.layer4) for b in layer]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, dps = backbone_features(x, functools.partial(resnet_stem, conv1=self.conv1, bn1=self.bn1), self.blocks())
+        return g, torch.stack(dps).sum(dim=0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.acm(self.bn2(self.conv2(out)))
-        return self.relu(out + identity)
+        return self.fc(self.features(x)[0])
 
 
-def _resnet18_acm(num_classes: int, pretrained, features_only: bool) -> ResNet:
-    model = ResNet(BasicBlockACM, [2, 2, 2, 2], num_classes=num_classes)
+def _resnet18_acm(num_classes: int, pretrained, features_only: bool) -> ResNetACM:
+    model = ResNetACM(BasicBlockACM, [2, 2, 2, 2], num_classes=num_classes)
     if features_only:
         model.fc = nn.Identity()  # forward returns the pooled 512-d feature g
     model.num_features = 512
@@ -126,7 +155,7 @@ def _resnet18_acm(num_classes: int, pretrained, features_only: bool) -> ResNet:
     return model
 
 
-def resnet18_acm(num_classes: int = 3, pretrained=False) -> ResNet:
+def resnet18_acm(num_classes: int = 3, pretrained=False) -> ResNetACM:
     """ResNet18 with one ACM per BasicBlock (8 modules: 64, 64, 128, 128, 256, 256, 512, 512 channels; groups 32).
 
     State-dict keys of the ResNet part are torchvision's, so ImageNet weights load non-strictly with
@@ -148,14 +177,51 @@ def check_init(init, pretrained=None) -> None:
                          "pretrained=False contradicts it (use init='shared' for a random shared start)")
 
 
+class ModelOutput(NamedTuple):
+    """What every network of the kit returns (:func:`run_model`): the one interface that training,
+    evaluation, prediction and Grad-CAM use.
+
+    ``logits``: head name -> (B, K) logits, in the order of their cross-entropy terms;
+    ``features``: name -> (B, D) pooled features (Eq. 4's L_dis pairs them); ``aux``: name -> (B,)
+    auxiliary terms of this forward (``"acm"``: ACM's orthogonality term summed over the modules);
+    ``main``: the head that makes the prediction.
+    """
+
+    logits: dict
+    features: dict
+    aux: dict
+    main: str = "main"
+
+
 class TwinOutput(NamedTuple):
-    """Outputs of :class:`TwinNet`: logits of G_s, G_t and the fused head F (the prediction), and g_s, g_t."""
+    """Outputs of :class:`TwinNet`: logits of G_s, G_t and the fused head F (the prediction), g_s, g_t,
+    and ``acm``, the (B,) ACM term of this forward summed over the 16 modules of both backbones.
+
+    It offers the :class:`ModelOutput` view too (``logits``, ``features``, ``aux``, ``main``).
+    """
 
     logits_s: torch.Tensor
     logits_t: torch.Tensor
     logits_f: torch.Tensor
     g_s: torch.Tensor
     g_t: torch.Tensor
+    acm: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> dict:
+        return {"s": self.logits_s, "t": self.logits_t, "f": self.logits_f}
+
+    @property
+    def features(self) -> dict:
+        return {"g_s": self.g_s, "g_t": self.g_t}
+
+    @property
+    def aux(self) -> dict:
+        return {} if self.acm is None else {"acm": self.acm}
+
+    @property
+    def main(self) -> str:
+        return "f"
 
 
 class TwinNet(nn.Module):
@@ -173,8 +239,8 @@ class TwinNet(nn.Module):
     offline stand-in for the paper's ``"imagenet"``, both from ImageNet weights (which needs them,
     as ``pretrained=True`` does). With ``pretrained`` True or "auto", ImageNet weights that load
     replace the ResNet part of both branches under any ``init`` (``model.imagenet_weights`` says).
-    After each forward, ``model.acm_term`` is the (B,) sum of ACM's ``dp`` over
-    both backbones (:func:`osteo.losses.acm_penalty`; not part of Eq. 5).
+    The forward returns a :class:`TwinOutput`, with ``acm`` the (B,) sum of ACM's ``dp`` over both
+    backbones (:func:`osteo.losses.acm_penalty`; not part of Eq. 5).
     """
 
     def __init__(self, num_classes: int = 3, alpha: float = 0.5, learn_alpha: bool = True, pretrained=False,
@@ -204,21 +270,31 @@ class TwinNet(nn.Module):
         self.imagenet_weights = self.G_s.imagenet_weights if self.pretrained_used else None
 
     def forward(self, x_s: torch.Tensor, x_t: torch.Tensor) -> TwinOutput:
-        g_s = self.G_s(x_s)
-        g_t = self.G_t(x_t)
-        g = self.alpha * g_s + (1 - self.alpha) * g_t
-        return TwinOutput(self.head_s(g_s), self.head_t(g_t), self.head_f(g), g_s, g_t)
+        g_s, acm_s = self.G_s.features(x_s)
+        g_t, acm_t = self.G_t.features(x_t)
+        return self.output(g_s, g_t, acm_s + acm_t)
+
+    def output(self, g_s: torch.Tensor, g_t: torch.Tensor, acm: torch.Tensor | None = None) -> TwinOutput:
+        """The heads on the backbones' features: ``head_s(g_s)``, ``head_t(g_t)``, ``head_f`` on Eq. (2)."""
+        return TwinOutput(self.head_s(g_s), self.head_t(g_t), self.head_f(fuse(self.alpha, g_s, g_t)), g_s, g_t, acm)
 
     @property
-    def acm_term(self) -> torch.Tensor:
-        """(B,) sum of ``dp`` over the 16 ACM modules of both backbones from the last forward."""
-        return acm_orthogonality(self.G_s) + acm_orthogonality(self.G_t)
+    def acm_term(self):
+        """Deprecated: the ACM term is returned by the forward (``out.acm``), no longer kept on the model."""
+        raise RuntimeError("TwinNet.acm_term is deprecated: read the ACM term of a forward as out.acm "
+                             "(or out.aux['acm'])")
 
 
 def default_image_size(name: str) -> int:
     """The paper-era input size of a model: 299 for Inception-v3 and Xception, else 224 (design section 3)."""
-    _check_name(name)
-    return 299 if name in ("inception_v3", "xception") else 224
+    return model_spec(name).image_size
+
+
+def scaled_image_size(name: str, base: int) -> int:
+    """The input size of ``name`` in a setting whose 224-px networks read ``base`` px: scaled by the
+    network's paper-era size (299 / 224 for Inception-v3 and Xception)."""
+    native = default_image_size(name)
+    return base if native == 224 else int(round(base * native / 224))
 
 
 def _check_name(name: str) -> None:
@@ -255,7 +331,7 @@ def build_model(name: str, num_classes: int = 3, pretrained=False, image_size: i
             raise ValueError(f"osteo/models.py: vit_b_16 needs image_size divisible by its patch size 16, got {size}")
         model = tvm.vit_b_16(weights=None, num_classes=num_classes, image_size=size)
     else:  # xception
-        import timm
+        import timm  # only here: timm is imported (slowly) when an Xception is built, not with osteo
 
         model = timm.create_model(XCEPTION_TIMM_NAME, pretrained=False, num_classes=num_classes)
     load_imagenet_weights(model, name, pretrained)
@@ -285,3 +361,99 @@ def gradcam_layer(model: nn.Module, branch: str = "s") -> nn.Module:
     if hasattr(model, "act4") and type(model).__name__ == "Xception":
         return model.act4
     raise ValueError(f"osteo/models.py: no Grad-CAM layer known for {type(model).__name__}")
+
+
+# ---- the model registry: the one place that knows model names ------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How the kit builds and runs one kind of network (an entry of :data:`MODELS`).
+
+    ``build(cfg)`` makes the network from a config (:class:`osteo.training.TrainConfig` fields);
+    ``forward(model, xs)`` runs it on its ``n_inputs`` views and returns a :class:`ModelOutput`
+    (or an object with the same fields); ``grouped`` is an optional faster forward computing the
+    same (the batched engine, :mod:`osteo.grouped`). ``main_head`` names the prediction head;
+    ``gradcam(model)`` lists ``(input index, layer, head)`` per map; ``scalars(model)`` gives learned
+    scalars to record (``{"alpha": ...}``). ``options`` are the config fields the network reads beyond
+    the common ones (``lam``, ``alpha``, ``learn_alpha``, ``init``); ``image_size`` its paper-era input size.
+    """
+
+    name: str
+    build: Callable
+    forward: Callable
+    n_inputs: int = 1
+    main_head: str = "main"
+    grouped: Callable | None = None
+    gradcam: Callable | None = None
+    scalars: Callable = field(default=lambda model: {})
+    options: tuple = ()
+    image_size: int = 224
+    default_inputs: tuple = ("t",)
+
+    def run(self, model: nn.Module, xs, grouped: bool = False):
+        """The network's output on its views ``xs``; ``grouped`` uses the batched engine when it has one."""
+        if len(xs) != self.n_inputs:
+            raise ValueError(f"osteo/models.py: {self.name} reads {self.n_inputs} input(s), got {len(xs)}")
+        fn = self.grouped if grouped and self.grouped is not None else self.forward
+        return fn(model, *xs)
+
+
+#: Every network the kit trains, by name. Add one with :func:`register_model`.
+MODELS: dict = {}
+#: The network a config trains unless it names another: the paper's twin.
+DEFAULT_MODEL = "twin"
+
+
+def register_model(spec: ModelSpec, replace: bool = False) -> ModelSpec:
+    """Add a network to :data:`MODELS` (``TrainConfig(model=spec.name)`` then trains it)."""
+    if spec.name in MODELS and not replace:
+        raise ValueError(f"osteo/models.py: a model named {spec.name!r} is already registered")
+    MODELS[spec.name] = spec
+    return spec
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry of ``name``; a ValueError naming the known models otherwise."""
+    try:
+        return MODELS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"osteo/models.py: unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
+def run_model(name: str, model: nn.Module, xs, grouped: bool = False):
+    """``model_spec(name).run(model, xs, grouped)``: the :class:`ModelOutput` of a network on its views."""
+    return model_spec(name).run(model, xs, grouped)
+
+
+def _single_forward(model: nn.Module, x: torch.Tensor) -> ModelOutput:
+    if isinstance(model, ResNetACM):
+        g, acm = model.features(x)
+        return ModelOutput({"main": model.fc(g)}, {"g": g}, {"acm": acm})
+    return ModelOutput({"main": model(x)}, {}, {})
+
+
+def _single_spec(name: str) -> ModelSpec:
+    return ModelSpec(
+        name=name, n_inputs=1, image_size=299 if name in ("inception_v3", "xception") else 224,
+        build=lambda cfg: build_model(name, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
+                                      image_size=cfg.image_size),
+        forward=_single_forward, gradcam=lambda model: [(0, gradcam_layer(model), "main")],
+    )
+
+
+def _grouped_twin(model, x_s, x_t):
+    return grouped_twin_forward(model, x_s, x_t)[0]
+
+
+TWIN = ModelSpec(
+    name=DEFAULT_MODEL, n_inputs=2, main_head="f", default_inputs=("s", "t"),
+    build=lambda cfg: TwinNet(cfg.num_classes, alpha=cfg.alpha, learn_alpha=cfg.learn_alpha,
+                              pretrained=cfg.pretrained, init=cfg.init),
+    forward=lambda model, x_s, x_t: model(x_s, x_t), grouped=_grouped_twin,
+    gradcam=lambda model: [(0, model.G_s.layer4[-1], "s"), (1, model.G_t.layer4[-1], "t")],
+    scalars=lambda model: {"alpha": float(model.alpha.detach())},
+    options=("lam", "alpha", "learn_alpha", "init"),
+)
+register_model(TWIN)
+for _name in MODEL_NAMES:
+    register_model(_single_spec(_name))

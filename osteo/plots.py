@@ -327,6 +327,8 @@ def gradcam_grid(images, cams, row_titles=None, col_titles=None, alpha: float = 
     """Fig. 4: Grad-CAM maps (in [0, 1]) over grey slices. ``images[r][c]`` and ``cams[r][c]`` are
     2-D arrays of the same size (grey levels 0-255 for the images); a ``None`` cam shows the slice
     alone."""
+    from .gradcam import overlay  # the one Grad-CAM drawing, shared with ``osteo predict --gradcam``
+
     nr = len(images)
     nc = len(images[0]) if nr else 0
     if nr == 0 or nc == 0:
@@ -341,12 +343,8 @@ def gradcam_grid(images, cams, row_titles=None, col_titles=None, alpha: float = 
             cam = None if cams[r][c] is None else np.asarray(cams[r][c], float)
             if cam is not None and img.shape != cam.shape:
                 raise ValueError(f"gradcam_grid: image {img.shape} and cam {cam.shape} differ at row {r}, column {c}")
-            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
-            if cam is not None:
-                ax.imshow(cam, cmap="jet", vmin=0, vmax=1, alpha=alpha)
-            ax.set_xticks([]), ax.set_yticks([])
-            if r == 0 and col_titles is not None:
-                ax.set_title(col_titles[c], fontsize=8)
+            overlay(ax, img, cam, alpha=alpha, title=col_titles[c] if r == 0 and col_titles is not None else None,
+                    fontsize=8)
             if c == 0 and row_titles is not None:
                 ax.set_ylabel(row_titles[r], fontsize=8)
     if title:

@@ -19,18 +19,20 @@ from __future__ import annotations
 import csv
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import _UMASK, AtomicFile  # noqa: F401  (_UMASK: the permissions a committed CSV gets)
 from .data import resize_hu
 from .dicom import DICOM_SUFFIXES, DicomError, iter_dicom_files, read_hu
+from .gradcam import grad_cam, overlay
 from .manifest import LABELS
-from .training import UnfinishedRunWarning, forward_heads, head_logits, load_model, resolve_device
-from .windowing import to_network_input
+from .models import model_spec
+from .training import UnfinishedRunWarning, forward_heads, head_logits, load_model, network_inputs, resolve_device
+from .windowing import VIEW_HU_MIN, window
 
 class PredictError(ValueError):
     """An output of ``osteo predict`` that cannot be written, or nothing to predict."""
@@ -82,15 +84,14 @@ def _check_output(out_csv: Path, gradcam_dir) -> None:
 
 
 class _CsvOut:
-    """Rows streamed into a unique temporary file in the CSV's folder; ``commit`` renames it."""
+    """Rows streamed into a unique temporary file in the CSV's folder (:class:`osteo.atomic.AtomicFile`);
+    ``commit`` renames it over the CSV."""
 
     def __init__(self, out_csv: Path):
         self.target = out_csv
         out_csv.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_csv.name}.", suffix=".tmp", dir=out_csv.parent)
-        self.tmp = Path(tmp)
-        self.fh = os.fdopen(fd, "w", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.fh, fieldnames=COLUMNS)
+        self.file = AtomicFile(out_csv, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.file.file, fieldnames=COLUMNS)
         self.writer.writeheader()
         self.n = 0
 
@@ -99,30 +100,17 @@ class _CsvOut:
         self.n += 1
 
     def commit(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would have given
-        os.replace(self.tmp, self.target)
+        self.file.commit()
 
     def keep_partial(self) -> Path | None:
         """After an interruption: keep the rows so far as ``<stem>.partial.csv`` (None if no row)."""
-        self.fh.close()
         if self.n == 0:
-            self.tmp.unlink(missing_ok=True)
+            self.file.discard()
             return None
+        self.file.file.close()
         partial = self.target.with_name(self.target.stem + ".partial.csv")
-        os.replace(self.tmp, partial)
+        os.replace(self.file.tmp, partial)
         return partial
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
 
 
 def predict_files(checkpoint, paths, out_csv="predictions.csv", gradcam_dir=None, device="auto", progress=True,
@@ -185,46 +173,44 @@ def _predict_one(model, cfg, dev, f: Path, gradcam_dir, number: int) -> dict:
     with torch.no_grad():
         out = forward_heads(model, cfg, x)
     heads = {h: l.float() for h, l in head_logits(cfg, out).items()}
-    main = heads["f" if cfg.model == "twin" else "main"]
-    prob = torch.softmax(main, 1)[0].cpu().numpy()
+    prob = torch.softmax(heads[out.main], 1)[0].cpu().numpy()
     pred = int(prob.argmax())
     row.update(status="ok", predicted=LABELS[pred], **{f"p_{c}": f"{p:.4f}" for c, p in zip(LABELS, prob)})
-    if cfg.model == "twin":
-        row["alpha"] = f"{float(model.alpha.detach()):.4f}"
+    scalars = model_spec(cfg.model).scalars(model)
+    if "alpha" in scalars:
+        row["alpha"] = f"{scalars['alpha']:.4f}"
+    if len(heads) > 1:
         row["heads_agree"] = str(len({int(l.argmax()) for l in heads.values()}) == 1)
     if gradcam_dir is not None:
         save_gradcam_png(model, cfg, x, pred, Path(gradcam_dir) / f"{number:05d}_{f.stem}.png")
     return row
 
 
+def gradcam_panels(model, cfg, hu: torch.Tensor, target: int) -> list:
+    """``(title, view, cam)`` per branch of the network: the Grad-CAM (B, H, W) of each branch's head
+    for class ``target``, on the view that branch reads (the registry says which layer and head)."""
+    spec = model_spec(cfg.model)
+    xs = network_inputs(cfg, hu)
+    panels = []
+    for i, layer, head in spec.gradcam(model):
+        cam = grad_cam(lambda *v: spec.run(model, list(v)).logits[head], layer, *xs, target=target)
+        name = f"G_{head}" if len(xs) > 1 else cfg.model
+        panels.append((f"{name} on x_{cfg.inputs[i]}", cfg.inputs[i], cam))
+    return panels
+
+
 def save_gradcam_png(model, cfg, hu: torch.Tensor, target: int, path: Path) -> Path:
     """One PNG: the slice in each view with the Grad-CAM of the branch that reads it."""
-    import matplotlib
+    import matplotlib  # optional here: only --gradcam draws, so plain prediction never loads matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .gradcam import grad_cam
-    from .models import gradcam_layer
-    from .windowing import window, VIEW_HU_MIN
-
-    panels = []
-    if cfg.model == "twin":
-        xs = {v: to_network_input(hu, v, bits=cfg.window_bits) for v in set(cfg.inputs)}
-        a, b = xs[cfg.inputs[0]], xs[cfg.inputs[1]]
-        cam_s = grad_cam(lambda p, q: model(p, q).logits_s, model.G_s.layer4[-1], a, b, target=target)
-        cam_t = grad_cam(lambda p, q: model(p, q).logits_t, model.G_t.layer4[-1], a, b, target=target)
-        panels = [(f"G_s on x_{cfg.inputs[0]}", cfg.inputs[0], cam_s), (f"G_t on x_{cfg.inputs[1]}", cfg.inputs[1], cam_t)]
-    else:
-        v = cfg.inputs[0]
-        cam = grad_cam(lambda p: model(p), gradcam_layer(model), to_network_input(hu, v, bits=cfg.window_bits), target=target)
-        panels = [(f"{cfg.model} on x_{v}", v, cam)]
+    panels = gradcam_panels(model, cfg, hu, target)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
     for ax, (title, view, cam) in zip(axes[0], panels):
-        ax.imshow(window(hu[0].float().cpu(), VIEW_HU_MIN[view]).numpy(), cmap="gray", vmin=0, vmax=255)
-        ax.imshow(cam[0].detach().cpu().numpy(), cmap="jet", alpha=0.4, vmin=0, vmax=1)
-        ax.set_title(f"{title}\npredicted: {LABELS[target]}")
-        ax.axis("off")
+        overlay(ax, window(hu[0].float().cpu(), VIEW_HU_MIN[view]), cam[0], alpha=0.4,
+                title=f"{title}\npredicted: {LABELS[target]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

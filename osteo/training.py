@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import platform
 import re
 import time
@@ -26,16 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torchvision
 from tqdm.auto import tqdm
 
-from .acm import acm_orthogonality
+from .atomic import atomic_write, write_text_atomic
 from .data import SliceData, SliceSet
-from .losses import acm_penalty, loss_precision, twin_loss_terms
+from .losses import model_loss
 from .manifest import LABELS
 from .metrics import classification_report
-from .grouped import grouped_twin_forward
-from .models import TwinNet, build_model, check_init
+from .models import DEFAULT_MODEL, MODELS, ModelOutput, check_init, model_spec
+from .privacy import is_pseudonym, is_synthetic_id, pseudonymize
 from .windowing import to_network_input
 
 CHECKPOINT_FORMAT = "osteo-kit/1"
@@ -54,7 +53,8 @@ ADDED_FIELDS = {"init": "independent", "split": "patient", "report_epoch": "last
 class TrainConfig:
     """Every setting of one training run (paper IV.1 and design section 3).
 
-    ``model`` is ``"twin"`` (the proposed network, Eq. 2) or a name of :func:`osteo.build_model`.
+    ``model`` is a name of the model registry (:data:`osteo.models.MODELS`): the twin (the proposed
+    network, Eq. 2; the default) or a single network of :func:`osteo.build_model`.
     ``inputs`` names the view each branch reads: ``("s", "t")`` for the twin (Table 3 also uses
     ``("s", "s")`` and ``("t", "t")``), one view for a single network. ``lam`` is lambda of Eq. (5)
     (0 gives "Ours - L_dis"); ``alpha`` is the initial (or fixed, with ``learn_alpha=False``) fusion
@@ -73,7 +73,7 @@ class TrainConfig:
     levels, as in an 8-bit PNG export).
     """
 
-    model: str = "twin"
+    model: str = DEFAULT_MODEL
     inputs: tuple = ("s", "t")
     lam: float = 0.1
     alpha: float = 0.5
@@ -101,7 +101,8 @@ class TrainConfig:
         for v in self.inputs:
             if v not in ("s", "t"):
                 raise ValueError(f"TrainConfig.inputs: unknown view {v!r}; use 's' (HU_min -128) or 't' (HU_min -450)")
-        want = 2 if self.model == "twin" else 1
+        spec = MODELS.get(self.model)
+        want = spec.n_inputs if spec is not None else 1
         if len(self.inputs) != want:
             raise ValueError(f"TrainConfig: model {self.model!r} reads {want} input(s), got inputs={self.inputs}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 2:
@@ -112,9 +113,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.pretrained must be True, False or 'auto', got {self.pretrained!r}")
         Engine.parse(self.engine, torch.device("cuda"))  # spelling only; the device is checked by train()
         check_init(self.init, self.pretrained)
-        if self.init != "independent" and self.model != "twin":
-            raise ValueError(f"TrainConfig.init {self.init!r} is for the twin; {self.model!r} has one backbone "
-                             "(use pretrained for its ImageNet weights)")
+        if self.init != "independent" and (spec is None or "init" not in spec.options):
+            raise ValueError(f"TrainConfig.init {self.init!r} is for the twin (networks of several backbones); "
+                             f"{self.model!r} has one backbone (use pretrained for its ImageNet weights)")
         if self.split not in SPLIT_MODES:
             raise ValueError(f"TrainConfig.split must be 'patient' or 'slice', got {self.split!r}")
         if self.report_epoch not in REPORT_EPOCHS:
@@ -190,10 +191,8 @@ class TrainResult:
         return self.test[self.main_head]["accuracy_ci95"]
 
     def to_json(self, path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
+        """Write the result atomically (a unique temporary file, then a rename)."""
+        write_text_atomic(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def from_json(cls, path) -> "TrainResult":
@@ -240,10 +239,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def make_model(cfg: TrainConfig) -> torch.nn.Module:
     """Build the network a config names (the seed must be set before, for identical weights)."""
-    if cfg.model == "twin":
-        return TwinNet(cfg.num_classes, alpha=cfg.alpha, learn_alpha=cfg.learn_alpha, pretrained=cfg.pretrained,
-                       init=cfg.init)
-    return build_model(cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained, image_size=cfg.image_size)
+    return model_spec(cfg.model).build(cfg)
 
 
 def network_inputs(cfg: TrainConfig, hu: torch.Tensor) -> list:
@@ -255,47 +251,31 @@ def network_inputs(cfg: TrainConfig, hu: torch.Tensor) -> list:
 
 
 def forward_heads(model, cfg: TrainConfig, hu: torch.Tensor, grouped: bool = False):
-    """Window a HU batch into the config's views and run the model; returns the raw model output.
+    """Window a HU batch into the config's views and run the network: its output
+    (:class:`osteo.models.ModelOutput`; the twin's is a :class:`osteo.models.TwinOutput`).
 
-    ``grouped`` runs the twin's two backbones as one batched computation (:mod:`osteo.grouped`).
+    ``grouped`` uses the network's batched engine when it has one (the twin's, :mod:`osteo.grouped`).
     """
-    return _forward(model, cfg, hu, grouped)[0]
+    return model_spec(cfg.model).run(model, network_inputs(cfg, hu), grouped)
 
 
-def _forward(model, cfg: TrainConfig, hu: torch.Tensor, grouped: bool):
-    """The model output and its ACM term (None for networks without ACM)."""
-    xs = network_inputs(cfg, hu)
-    if cfg.model != "twin":
-        out = model(xs[0])
-        return out, acm_orthogonality(model)
-    if grouped:
-        return grouped_twin_forward(model, *xs)
-    out = model(*xs)
-    return out, model.acm_term
+def loss_terms(cfg: TrainConfig, out, y: torch.Tensor, acm: torch.Tensor | None = None) -> dict:
+    """All loss terms of one batch with the config's weights (:func:`osteo.losses.model_loss`):
+    Eq. (5) for the twin, cross-entropy for a single network, plus ``acm_weight * |ACM term|``.
 
-
-def loss_terms(cfg: TrainConfig, out, y: torch.Tensor, acm: torch.Tensor | None) -> dict:
-    """All loss terms of one batch; ``total`` is what is minimised.
-
-    Twin: Eq. (5) ``CE(G_s) + CE(G_t) + CE(F) + lambda * L_dis`` plus ``acm_weight * |ACM dp|``.
-    Single network: cross-entropy plus the ACM term when the network has ACM modules (``acm``
-    is the (B,) ACM term of the forward, or None).
+    ``acm`` replaces the output's own ACM term when given; ``out`` may also be plain logits (B, K).
     """
-    if cfg.model == "twin":
-        terms = twin_loss_terms(out, y, lam=cfg.lam)
-    else:
-        terms = {"ce": F.cross_entropy(loss_precision(out), y)}
-        terms["total"] = terms["ce"]
-    if acm is not None and cfg.acm_weight:
-        terms["acm"] = acm_penalty(acm, cfg.acm_weight)
-        terms["total"] = terms["total"] + terms["acm"]
-    return terms
+    if isinstance(out, torch.Tensor):
+        out = ModelOutput({"main": out}, {}, {})
+    if acm is not None:
+        out = ModelOutput(out.logits, out.features, {**out.aux, "acm": acm}, out.main)
+    return model_loss(out, y, lam=cfg.lam, acm_weight=cfg.acm_weight)
 
 
 def forward_loss(model, cfg: TrainConfig, hu: torch.Tensor, y: torch.Tensor, grouped: bool = False):
     """Window, forward and every loss term: the unit that :class:`Engine` compiles. Returns (output, terms)."""
-    out, acm = _forward(model, cfg, hu, grouped)
-    return out, loss_terms(cfg, out, y, acm)
+    out = forward_heads(model, cfg, hu, grouped)
+    return out, loss_terms(cfg, out, y, out.aux.get("acm"))
 
 
 def train_step(model, cfg: TrainConfig, opt, hu: torch.Tensor, y: torch.Tensor, amp: bool):
@@ -388,10 +368,11 @@ class StepRunner:
 
 
 def head_logits(cfg: TrainConfig, out) -> dict:
-    """Logits of each head: twin -> f (the model's prediction), s, t; single -> main."""
-    if cfg.model == "twin":
-        return {"f": out.logits_f, "s": out.logits_s, "t": out.logits_t}
-    return {"main": out}
+    """Logits of each head of a network's output, the prediction head first (twin: f, s, t; single: main)."""
+    if isinstance(out, torch.Tensor):
+        return {"main": out}
+    logits = out.logits
+    return {out.main: logits[out.main], **{h: v for h, v in logits.items() if h != out.main}}
 
 
 @torch.no_grad()
@@ -399,7 +380,7 @@ def evaluate(model, cfg: TrainConfig, data: SliceSet, device=None, batch_size: i
              grouped: bool = False) -> tuple[dict, dict]:
     """Predict every test slice; returns (metrics per head, predicted class per head).
 
-    ``grouped`` runs a twin's backbones as one batched network (:mod:`osteo.grouped`), same function.
+    ``grouped`` uses the network's batched engine when it has one (:mod:`osteo.grouped`), same function.
     """
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -411,7 +392,7 @@ def evaluate(model, cfg: TrainConfig, data: SliceSet, device=None, batch_size: i
         for i in range(0, len(data), bs):
             hu = data.hu[i : i + bs].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = forward_heads(model, cfg, hu, grouped=grouped and cfg.model == "twin")
+                out = forward_heads(model, cfg, hu, grouped=grouped)
             for head, logits in head_logits(cfg, out).items():
                 preds.setdefault(head, []).append(logits.argmax(1))
     finally:
@@ -425,24 +406,18 @@ def evaluate(model, cfg: TrainConfig, data: SliceSet, device=None, batch_size: i
 
 def _pseudonymous(patient_id) -> str:
     """A patient id fit for a result file: synthetic ids and pseudonyms as they are, anything else pseudonymised."""
-    from .privacy import is_pseudonym, is_synthetic_id, pseudonymize
-
     pid = str(patient_id)
     return pid if is_synthetic_id(pid) or is_pseudonym(pid) else pseudonymize(pid)
 
 
 def _versions() -> dict:
-    import torchvision
-
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
 
 
 def save_checkpoint(path, state: dict) -> None:
     """Save atomically: write a temporary file, then rename (a kill never leaves half a checkpoint)."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -517,8 +492,12 @@ def _config_problem(cfg: dict) -> str | None:
         else:
             ok = True
         if not ok:
-            return f"the stored config field {name!r} is {value!r}, not a {type(default).__name__}; the checkpoint is damaged"
+            return f"the stored config field {name!r} is {value!r}, not {_article(type(default).__name__)}; the checkpoint is damaged"
     return None
+
+
+def _article(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
 def checkpoint_config(state: dict, path) -> TrainConfig:
@@ -527,16 +506,14 @@ def checkpoint_config(state: dict, path) -> TrainConfig:
     within the run. Every failure is a :class:`CheckpointError` naming ``path``. The config
     returned builds the bare architecture (``pretrained=False``, ``init="independent"``): the
     checkpoint holds every weight, so no ImageNet file is needed to load it."""
-    from .models import MODEL_NAMES
-
     cfg = state["config"]
     problem = _config_problem(cfg)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
     model = cfg.get("model", TrainConfig.model)
-    if model != "twin" and model not in MODEL_NAMES:
+    if not isinstance(model, str) or model not in MODELS:
         raise CheckpointError(f"{path}: the stored config names an unknown model {model!r} "
-                              f"(known: twin, {', '.join(MODEL_NAMES)}); not an osteo-kit model")
+                              f"(known: {', '.join(MODELS)}); not an osteo-kit model")
     k = cfg.get("num_classes", TrainConfig.num_classes)
     if k != len(LABELS):
         raise CheckpointError(f"{path}: trained for {k} classes; osteo predicts {len(LABELS)} "
@@ -610,6 +587,177 @@ def _check_data_split(cfg: TrainConfig, data: SliceData) -> None:
                              f"({len(shared)} patients); a patient-level split keeps each patient on one side")
 
 
+@dataclass
+class _Run:
+    """One training run in progress: the network, its optimiser and what a checkpoint carries."""
+
+    cfg: TrainConfig
+    device: torch.device
+    model: torch.nn.Module
+    engine: Engine
+    opt: torch.optim.Optimizer
+    sched: object
+    pretrained_used: bool
+    imagenet_weights: dict | None
+    history: list = field(default_factory=list)
+    start_epoch: int = 0
+    seconds: float = 0.0
+    best: dict | None = None  # report_epoch="best_on_test": {"epoch", "test", "predictions"} of the best epoch so far
+    steps_done: int = 0
+
+    @property
+    def spec(self):
+        return model_spec(self.cfg.model)
+
+
+def cached_result(cfg: TrainConfig, out_dir) -> TrainResult | None:
+    """The saved result of ``cfg`` in the run folder ``out_dir`` (the run cache), or None."""
+    path = Path(out_dir) / "result.json"
+    if path.exists():
+        res = TrainResult.from_json(path)
+        if res.config == cfg.to_dict():
+            return res
+    return None
+
+
+def _start_run(cfg: TrainConfig, device: torch.device) -> _Run:
+    """The freshly initialised network (seeded), its engine, optimiser and learning-rate schedule."""
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg)
+    pretrained_used = bool(getattr(model, "pretrained_used", False))
+    imagenet_weights = getattr(model, "imagenet_weights", None)
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    engine = Engine.parse(cfg.engine, device)
+    # fused: one kernel for all of Adam's arithmetic on CUDA (the same update as the default foreach)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    return _Run(cfg, device, model, engine, opt, sched, pretrained_used, imagenet_weights)
+
+
+def resume_run(run: _Run, ckpt_path: Path) -> None:
+    """Continue ``run`` from its checkpoint: weights, history, time, and (if unfinished) optimiser,
+    schedule and random state, so it ends with the same weights as an uninterrupted run."""
+    cfg = run.cfg
+    state = load_checkpoint(ckpt_path)
+    if state["config"] != cfg.to_dict():
+        raise CheckpointError(f"{ckpt_path}: made with another config; remove the folder or pick another out_dir")
+    try:
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt_path}: weights do not fit a {cfg.model} network "
+                              f"({str(e).splitlines()[0][:300]}); remove the folder or pick another out_dir") from None
+    run.history = json.loads(state["history"])
+    run.start_epoch = int(state["epoch"])
+    run.seconds = float(state.get("seconds", 0.0))
+    run.pretrained_used = bool(state.get("pretrained_used", run.pretrained_used))
+    run.imagenet_weights = state["imagenet_weights"] if "imagenet_weights" in state else run.imagenet_weights
+    run.best = json.loads(state["best"]) if state.get("best") else None
+    if run.start_epoch < cfg.epochs:
+        run.opt.load_state_dict(state["optimizer"])
+        run.sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], run.device)
+
+
+def save_run(run: _Run, ckpt_path: Path, epoch: int) -> None:
+    """The checkpoint after ``epoch``; only an unfinished run keeps what resuming needs."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": run.cfg.to_dict(),
+        "epoch": epoch,
+        "model": run.model.state_dict(),
+        "history": json.dumps(run.history),
+        "seconds": run.seconds,
+        "pretrained_used": run.pretrained_used,
+        "imagenet_weights": run.imagenet_weights,
+        "best": json.dumps(run.best) if run.best is not None else "",
+    }
+    if epoch < run.cfg.epochs:  # optimiser, schedule and random state: 2/3 of the file
+        state.update(optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(), rng=_rng_state(run.device))
+    save_checkpoint(ckpt_path, state)
+
+
+def train_epoch(run: _Run, epoch: int, train_set: SliceSet, step_fn, bar, stop_after_steps=None) -> dict:
+    """One epoch of optimisation steps (``epoch`` counts from 0); returns its history record.
+
+    The record: learning rate, training accuracy of the prediction head, the mean of each loss
+    term, the network's learned scalars (the twin's alpha) and, after the first epoch of a network
+    with L_dis, ``cos_start`` (L_dis of the first batch, before any update).
+    """
+    cfg, device, n = run.cfg, run.device, len(train_set)
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen).to(device)
+    rows, correct, names = [], torch.zeros((), device=device), None
+    for lo, hi in epoch_batches(n, cfg.batch_size):
+        idx = order[lo:hi]
+        hu, y = train_set.hu[idx], train_set.y[idx]
+        out, terms = step_fn(hu, y)
+        names = list(terms)
+        rows.append(torch.stack([terms[k].detach().float() for k in names]))
+        correct += (out.logits[out.main].argmax(1) == y).sum()
+        bar.update(1)
+        run.steps_done += 1
+        if stop_after_steps is not None and run.steps_done >= stop_after_steps:
+            bar.close()
+            raise TrainingInterrupted(f"stopped after {run.steps_done} steps (stop_after_steps)")
+    values = torch.stack(rows).cpu().numpy()  # one host sync per epoch
+    bad = ~np.isfinite(values)
+    if bad.any():
+        s, t = np.argwhere(bad)[0]
+        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {s + 1}: term {names[t]!r} = "
+                                 f"{values[s, t]}; stopping (last good checkpoint: epoch {epoch})")
+    run.sched.step()
+    run.seconds += time.perf_counter() - t0
+    rec = {"epoch": epoch + 1, "lr": run.opt.param_groups[0]["lr"], "train_acc": float(correct) / n}
+    rec.update({f"loss_{k}": float(v) for k, v in zip(names, values.mean(0))})
+    rec.update(run.spec.scalars(run.model))
+    if epoch == 0 and "dis" in names:  # cos(g_s, g_t) on the first batch, before any update: where the cosine starts
+        rec["cos_start"] = float(values[0, names.index("dis")])
+    return rec
+
+
+def _test_every_epoch(run: _Run, rec: dict, test: SliceSet) -> None:
+    """``report_epoch="best_on_test"`` (a pitfall, on request): the test accuracy after this epoch,
+    and the best epoch so far kept as the one to report (model selection on the test set)."""
+    main = run.spec.main_head
+    metrics, preds = evaluate(run.model, run.cfg, test, run.device, grouped=run.engine.grouped)
+    rec["test_acc"] = metrics[main]["accuracy"]
+    if run.best is None or rec["test_acc"] > run.best["test"][main]["accuracy"]:
+        run.best = {"epoch": rec["epoch"], "test": metrics, "predictions": preds}
+
+
+def _training_set(data: SliceData, device) -> SliceSet:
+    train_set = data.train.to(device)
+    if len(train_set) == 0:
+        raise ValueError("the training split is empty")
+    if len(train_set) == 1:
+        raise ValueError("the training split holds 1 slice: batch norm needs at least 2 slices to train on")
+    return train_set
+
+
+def _final_result(run: _Run, data: SliceData) -> TrainResult:
+    """Evaluate the last epoch's model (or take the best epoch's, with best_on_test) into a TrainResult."""
+    cfg, device = run.cfg, run.device
+    if run.best is not None:
+        metrics, preds, reported_epoch = run.best["test"], run.best["predictions"], run.best["epoch"]
+    else:
+        metrics, preds = evaluate(run.model, cfg, data.test, device, grouped=run.engine.grouped)
+        reported_epoch = cfg.epochs
+    return TrainResult(
+        config=cfg.to_dict(), history=run.history, test=metrics, main_head=run.spec.main_head,
+        y_true=data.test.y.cpu().tolist(), predictions=preds, alpha=run.spec.scalars(run.model).get("alpha"),
+        pretrained_used=run.pretrained_used,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        seconds=run.seconds, engine=str(run.engine), data=data.describe(), versions=_versions(),
+        synthetic_version=getattr(data, "synthetic_version", ""),
+        test_patient_id=[_pseudonymous(p) for p in data.test.patient_id],
+        imagenet_weights=run.imagenet_weights, reported_epoch=reported_epoch,
+    )
+
+
 def train(
     config: TrainConfig,
     data: SliceData,
@@ -629,160 +777,35 @@ def train(
     """
     cfg = config
     device = resolve_device(cfg.device)
-    out_dir = Path(out_dir) if out_dir is not None else None
     ckpt_path = result_path = None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_path, result_path = out_dir / "checkpoint.pt", out_dir / "result.json"
-        if result_path.exists():
-            res = TrainResult.from_json(result_path)
-            if res.config == cfg.to_dict():
-                return res
-
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        ckpt_path, result_path = Path(out_dir) / "checkpoint.pt", Path(out_dir) / "result.json"
+        cached = cached_result(cfg, out_dir)
+        if cached is not None:
+            return cached
     _check_data_split(cfg, data)
-    torch.manual_seed(cfg.seed)
-    model = make_model(cfg)
-    pretrained_used = bool(getattr(model, "pretrained_used", False))
-    imagenet_weights = getattr(model, "imagenet_weights", None)
-    main_head = "f" if cfg.model == "twin" else "main"
-    best = None  # report_epoch="best_on_test": {"epoch", "test", "predictions"} of the best epoch so far
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    engine = Engine.parse(cfg.engine, device)
-    # fused: one kernel for all of Adam's arithmetic on CUDA (the same update as the default foreach)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    history: list = []
-    start_epoch = 0
-    seconds = 0.0
-
+    run = _start_run(cfg, device)
     if ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state["config"] != cfg.to_dict():
-            raise CheckpointError(f"{ckpt_path}: made with another config; remove the folder or pick another out_dir")
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{ckpt_path}: weights do not fit a {cfg.model} network "
-                                  f"({str(e).splitlines()[0][:300]}); remove the folder or pick another out_dir") from None
-        history = json.loads(state["history"])
-        start_epoch = int(state["epoch"])
-        seconds = float(state.get("seconds", 0.0))
-        pretrained_used = bool(state.get("pretrained_used", pretrained_used))
-        imagenet_weights = state["imagenet_weights"] if "imagenet_weights" in state else imagenet_weights
-        best = json.loads(state["best"]) if state.get("best") else None
-        if start_epoch < cfg.epochs:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"], device)
-
-    train_set = data.train.to(device)
-    n = len(train_set)
-    if n == 0:
-        raise ValueError("the training split is empty")
-    if n == 1:
-        raise ValueError("the training split holds 1 slice: batch norm needs at least 2 slices to train on")
-    batches = epoch_batches(n, cfg.batch_size)
-    steps_per_epoch = len(batches)
-    amp = cfg.amp and device.type == "cuda"
-    step_fn = engine.runner(model, cfg, opt, amp)
-    bar = tqdm(
-        total=cfg.epochs * steps_per_epoch,
-        initial=start_epoch * steps_per_epoch,
-        desc=f"train {cfg.model}",
-        disable=not progress,
-        leave=False,
-    )
-    steps_done = 0
+        resume_run(run, ckpt_path)
+    train_set = _training_set(data, device)
+    steps = len(epoch_batches(len(train_set), cfg.batch_size))
+    step_fn = run.engine.runner(run.model, cfg, run.opt, cfg.amp and device.type == "cuda")
+    bar = tqdm(total=cfg.epochs * steps, initial=run.start_epoch * steps, desc=f"train {cfg.model}",
+               disable=not progress, leave=False)
     last_save = time.perf_counter()
-    model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=gen).to(device)
-        rows, correct = [], torch.zeros((), device=device)
-        names = None
-        for step, (lo, hi) in enumerate(batches):
-            idx = order[lo:hi]
-            hu, y = train_set.hu[idx], train_set.y[idx]
-            out, terms = step_fn(hu, y)
-            names = list(terms)
-            rows.append(torch.stack([terms[k].detach().float() for k in names]))
-            main = head_logits(cfg, out)["f" if cfg.model == "twin" else "main"]
-            correct += (main.argmax(1) == y).sum()
-            bar.update(1)
-            steps_done += 1
-            if stop_after_steps is not None and steps_done >= stop_after_steps:
-                bar.close()
-                raise TrainingInterrupted(f"stopped after {steps_done} steps (stop_after_steps)")
-        values = torch.stack(rows).cpu().numpy()  # one host sync per epoch
-        bad = ~np.isfinite(values)
-        if bad.any():
-            s, t = np.argwhere(bad)[0]
-            raise FloatingPointError(
-                f"non-finite loss at epoch {epoch + 1}, step {s + 1}: term {names[t]!r} = {values[s, t]}; "
-                f"stopping (last good checkpoint: epoch {epoch})"
-            )
-        sched.step()
-        seconds += time.perf_counter() - t0
-        rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_acc": float(correct) / n}
-        rec.update({f"loss_{k}": float(v) for k, v in zip(names, values.mean(0))})
-        if cfg.model == "twin":
-            rec["alpha"] = float(model.alpha.detach())
-            if epoch == 0:  # cos(g_s, g_t) on the first batch, before any update: where the cosine starts
-                rec["cos_start"] = float(values[0, names.index("dis")])
-        if cfg.report_epoch == "best_on_test":  # a pitfall, on request: model selection on the test set
-            m_e, p_e = evaluate(model, cfg, data.test, device, grouped=engine.grouped)
-            rec["test_acc"] = m_e[main_head]["accuracy"]
-            if best is None or rec["test_acc"] > best["test"][main_head]["accuracy"]:
-                best = {"epoch": epoch + 1, "test": m_e, "predictions": p_e}
-        history.append(rec)
+    run.model.train()
+    for epoch in range(run.start_epoch, cfg.epochs):
+        rec = train_epoch(run, epoch, train_set, step_fn, bar, stop_after_steps)
+        if cfg.report_epoch == "best_on_test":
+            _test_every_epoch(run, rec, data.test)
+        run.history.append(rec)
         bar.set_postfix(epoch=epoch + 1, loss=f"{rec['loss_total']:.3f}", acc=f"{rec['train_acc']:.2f}")
-        last_epoch = epoch + 1 == cfg.epochs
-        if ckpt_path is not None and (last_epoch or time.perf_counter() - last_save >= checkpoint_every_s):
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "config": cfg.to_dict(),
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "history": json.dumps(history),
-                "seconds": seconds,
-                "pretrained_used": pretrained_used,
-                "imagenet_weights": imagenet_weights,
-                "best": json.dumps(best) if best is not None else "",
-            }
-            if not last_epoch:  # only resuming needs these (2/3 of the file); a finished run keeps the weights
-                state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=_rng_state(device))
-            save_checkpoint(ckpt_path, state)
+        if ckpt_path is not None and (epoch + 1 == cfg.epochs or time.perf_counter() - last_save >= checkpoint_every_s):
+            save_run(run, ckpt_path, epoch + 1)
             last_save = time.perf_counter()
     bar.close()
-
-    if best is not None:
-        metrics, preds, reported_epoch = best["test"], best["predictions"], best["epoch"]
-    else:
-        metrics, preds = evaluate(model, cfg, data.test, device, grouped=engine.grouped)
-        reported_epoch = cfg.epochs
-    result = TrainResult(
-        config=cfg.to_dict(),
-        history=history,
-        test=metrics,
-        main_head=main_head,
-        y_true=data.test.y.cpu().tolist(),
-        predictions=preds,
-        alpha=float(model.alpha.detach()) if cfg.model == "twin" else None,
-        pretrained_used=pretrained_used,
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        seconds=seconds,
-        engine=str(engine),
-        data=data.describe(),
-        versions=_versions(),
-        synthetic_version=getattr(data, "synthetic_version", ""),
-        test_patient_id=[_pseudonymous(p) for p in data.test.patient_id],
-        imagenet_weights=imagenet_weights,
-        reported_epoch=reported_epoch,
-    )
+    result = _final_result(run, data)
     if result_path is not None:
         result.to_json(result_path)
     return result

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -31,6 +30,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+
+from .atomic import AtomicFile
 
 __all__ = ["NETWORKS", "WEIGHTS", "WeightsError", "WeightsFile", "cache_dir", "download", "import_file",
            "obtain", "sha256_file", "status", "verify", "weights_file"]
@@ -196,52 +197,55 @@ def download(network_or_file, base_url: str | None = None, timeout: float | None
     resp = _open(url, timeout)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{wf.name}.", suffix=".part")
+        part = AtomicFile(dest, "wb", suffix=".part")
     except OSError as e:
         resp.close()
         raise WeightsError(f"{dest.parent}: cannot write {wf.name} there ({e.strerror or e})") from e
     try:
-        expected = resp.headers.get("Content-Length")
-        expected = int(expected) if expected and expected.isdigit() else None
-        h, got = hashlib.sha256(), 0
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=expected, unit="B", unit_scale=True, desc=wf.name, leave=False)
-        with os.fdopen(fd, "wb") as f, resp:
-            while True:
-                try:
-                    chunk = resp.read(1 << 20)
-                except (socket.timeout, TimeoutError):
-                    raise WeightsError(f"{url}: the transfer stalled (no data for {timeout:g} s after {got} bytes)") from None
-                except Exception as e:  # a connection cut short (http.client.IncompleteRead, resets)
-                    raise WeightsError(f"{url}: the transfer broke off after {got} bytes ({type(e).__name__})") from e
-                if not chunk:
-                    break
-                f.write(chunk)
-                h.update(chunk)
-                got += len(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
-        if expected is not None and got != expected:
-            raise WeightsError(f"{url}: truncated: received {got} of {expected} bytes")
-        digest = h.hexdigest()
+        with resp:
+            digest = _stream(resp, part.file, url, timeout, wf.name if progress else None)
         if not digest.startswith(wf.sha256_prefix):
             raise WeightsError(f"{url}: sha256 {digest} does not match the published hash {wf.sha256_prefix}... "
                                f"of {wf.name}; nothing was saved")
-        os.replace(tmp, dest)
+        part.commit()
     except OSError as e:  # a full disk, a read-only cache
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        part.discard()
         raise WeightsError(f"{dest}: cannot write the download ({e.strerror or e})") from e
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        part.discard()
         raise
     return dest
+
+
+def _stream(resp, f, url: str, timeout: float, bar_name: str | None) -> str:
+    """Copy a response into ``f`` (checking its Content-Length); returns the sha256 of what came."""
+    expected = resp.headers.get("Content-Length")
+    expected = int(expected) if expected and expected.isdigit() else None
+    h, got = hashlib.sha256(), 0
+    bar = None
+    if bar_name is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=expected, unit="B", unit_scale=True, desc=bar_name, leave=False)
+    while True:
+        try:
+            chunk = resp.read(1 << 20)
+        except (socket.timeout, TimeoutError):
+            raise WeightsError(f"{url}: the transfer stalled (no data for {timeout:g} s after {got} bytes)") from None
+        except Exception as e:  # a connection cut short (http.client.IncompleteRead, resets)
+            raise WeightsError(f"{url}: the transfer broke off after {got} bytes ({type(e).__name__})") from e
+        if not chunk:
+            break
+        f.write(chunk)
+        h.update(chunk)
+        got += len(chunk)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    if expected is not None and got != expected:
+        raise WeightsError(f"{url}: truncated: received {got} of {expected} bytes")
+    return h.hexdigest()
 
 
 _FAILED: dict = {}  # url -> why its download failed: "auto" tries each URL once per process
@@ -326,21 +330,20 @@ def import_file(src) -> Path:
     dest = cache_dir() / wf.name
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{wf.name}.", suffix=".part")
+        part = AtomicFile(dest, "wb", suffix=".part")
     except OSError as e:
         raise WeightsError(f"{src}: cannot write to {dest.parent} ({e.strerror or e}); not imported") from e
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out, 1 << 20)
-        if sha256_file(tmp) != digest:  # the copy itself went wrong (a changing source)
+        with open(src, "rb") as f:
+            shutil.copyfileobj(f, part.file, 1 << 20)
+        part.file.flush()
+        if sha256_file(part.tmp) != digest:  # the copy itself went wrong (a changing source)
             raise WeightsError(f"{src}: the copy to {dest} differs from the file; not imported")
-        os.replace(tmp, dest)
+        part.commit()
     except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        part.discard()
         raise WeightsError(f"{src}: cannot copy it to {dest} ({e.strerror or e}); not imported") from e
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        part.discard()
         raise
     return dest

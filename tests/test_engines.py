@@ -40,10 +40,10 @@ def test_grouped_forward_is_the_twin_forward(training):
     out_g, acm_g = grouped_twin_forward(grouped, x_s, x_t)
     for name, a, b in zip(out._fields, out, out_g):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=name)
-    torch.testing.assert_close(acm_g, plain.acm_term, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(acm_g, out.acm, rtol=1e-10, atol=1e-12)
     # gradients reach the same parameters with the same values ...
     loss = lambda o, acm: (o.logits_f ** 2).sum() + o.logits_s.sum() - o.logits_t.sum() + acm.sum() + o.g_s.mean()  # noqa: E731
-    loss(out, plain.acm_term).backward()
+    loss(out, out.acm).backward()
     loss(out_g, acm_g).backward()
     for (name, p), (_, q) in zip(plain.named_parameters(), grouped.named_parameters()):
         assert p.grad is not None and q.grad is not None, name
@@ -285,9 +285,9 @@ def test_several_twins_as_one_grouped_network():
         want = ref(x_s, x_t)
         for a, b in zip(want, out):
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
-        torch.testing.assert_close(acm, ref.acm_term, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(acm, want.acm, rtol=1e-9, atol=1e-12)
         loss_got = loss_got + out.logits_f.pow(2).sum() + acm.sum()
-        loss_ref = loss_ref + want.logits_f.pow(2).sum() + ref.acm_term.sum()
+        loss_ref = loss_ref + want.logits_f.pow(2).sum() + want.acm.sum()
     loss_got.backward()
     loss_ref.backward()
     for m, ref in zip(twins, refs):
@@ -295,3 +295,26 @@ def test_several_twins_as_one_grouped_network():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10, msg=name)
         for (name, b), c in zip(m.named_buffers(), ref.buffers()):
             torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_grouped_engine_gives_the_eager_loss_terms(training):
+    """Through the one interface (registry forward + model_loss), the grouped engine returns the
+    ACM term in its output and every loss term equals the eager one (float64)."""
+    from osteo.models import model_spec
+    from osteo.losses import model_loss
+
+    spec = model_spec("twin")
+    plain = _twin().train(training)
+    grouped = copy.deepcopy(plain)
+    x_s, x_t = _inputs()
+    y = torch.tensor([0, 1, 2, 1, 0, 2][: x_s.shape[0]])
+    out_e = spec.run(plain, [x_s, x_t])
+    out_g = spec.run(grouped, [x_s, x_t], grouped=True)
+    assert out_e.aux["acm"].shape == out_g.aux["acm"].shape == (x_s.shape[0],)
+    assert out_e.aux["acm"].dtype == torch.float64
+    te, tg = model_loss(out_e, y, lam=0.1, acm_weight=0.1), model_loss(out_g, y, lam=0.1, acm_weight=0.1)
+    assert list(te) == list(tg) == ["ce_s", "ce_t", "ce_f", "dis", "total", "acm"]
+    for k in te:
+        torch.testing.assert_close(tg[k], te[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert float(te["acm"]) > 0

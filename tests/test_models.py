@@ -67,9 +67,12 @@ def test_resnet18_acm_has_8_acm_modules_in_order():
     assert [a for layer in (m.layer1, m.layer2, m.layer3, m.layer4) for blk in layer for a in [blk.acm]] == acms
     assert m.pretrained_used is False
     with torch.no_grad():
-        y = m(torch.randn(2, 3, 64, 64))
+        x = torch.randn(2, 3, 64, 64)
+        y = m(x)
+        g, acm = m.features(x)
     assert y.shape == (2, 3) and torch.isfinite(y).all() and not torch.allclose(y[0], y[1])
-    assert all(a.dp.shape == (2,) for a in acms)
+    assert g.shape == (2, 512) and acm.shape == (2,)
+    torch.testing.assert_close(m.fc(g), y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layer,has_downsample", [("layer1", False), ("layer2", True)])
@@ -81,10 +84,10 @@ def test_acm_sits_on_the_residual_branch(layer, has_downsample):
     cin = blk.conv1.in_channels
     x = torch.randn(2, cin, 16, 16)
     with torch.no_grad():
-        before = blk(x)
+        before, _ = blk(x)
         blk.acm.p2.weight.zero_()
         blk.acm.p2.bias.fill_(-1e4)  # P == 0: the residual branch contributes nothing
-        after = blk(x)
+        after, _ = blk(x)
         identity = x if blk.downsample is None else blk.downsample(x)
     torch.testing.assert_close(after, F.relu(identity), rtol=0, atol=0)
     assert not torch.allclose(before, after)
@@ -103,7 +106,7 @@ def test_block_matches_torchvision_block_when_acm_is_identity():
         blk.acm.p2.weight.zero_()
         blk.acm.p2.bias.fill_(100.0)
         x = torch.randn(2, 128, 8, 8)
-        torch.testing.assert_close(blk(x), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(blk(x)[0], ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_resnet_keys_are_torchvision_keys():
@@ -279,14 +282,27 @@ def test_fixed_alpha_is_a_buffer():
         torch.testing.assert_close(out.logits_f, model.head_f(0.3 * out.g_s + 0.7 * out.g_t))
 
 
-def test_acm_term_sums_16_modules():
-    model = _twin()
+def test_acm_term_is_returned_and_sums_16_modules():
+    """The twin's output carries the ACM term of THIS forward: the sum of every block's dp of both
+    backbones (each block returns its own), also in the ModelOutput view (aux["acm"])."""
+    model = _twin().double()
+    xs, xt = torch.randn(3, 3, 64, 64, dtype=torch.float64), torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    dps = []
+    hooks = [blk.register_forward_hook(lambda mod, inp, out: dps.append(out[1]))
+             for net in (model.G_s, model.G_t) for blk in net.blocks()]
     with torch.no_grad():
-        model(torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64))
-    acms = _acms(model)
-    assert len(acms) == 16
-    torch.testing.assert_close(model.acm_term, sum(a.dp for a in acms))
-    assert model.acm_term.shape == (3,) and model.acm_term.abs().sum() > 0
+        out = model(xs, xt)
+    for h in hooks:
+        h.remove()
+    assert len(dps) == 16
+    torch.testing.assert_close(out.acm, sum(dps), rtol=1e-12, atol=1e-15)
+    assert out.acm.shape == (3,) and out.acm.abs().sum() > 0
+    assert out.aux["acm"] is out.acm and out.main == "f" and list(out.logits) == ["s", "t", "f"]
+    with torch.no_grad():
+        other = model(xt, xs).acm  # another input: another term, nothing stale
+    assert not torch.allclose(other, out.acm)
+    with pytest.raises(RuntimeError, match="out.acm"):
+        model.acm_term
 
 
 # --- Table 5 builders -----------------------------------------------------------------------------
