@@ -42,13 +42,16 @@ def model_loss(out, y: torch.Tensor, lam: float = 0.1, acm_weight: float = 0.0) 
     """
     logits = out.logits
     terms = {("ce" if len(logits) == 1 else f"ce_{h}"): F.cross_entropy(loss_precision(v), y) for h, v in logits.items()}
-    total = functools.reduce(operator.add, terms.values())
+    ce = list(terms.values())
     feats = list(out.features.values())
+    # every term before their sum: the order the graph is built in fixes the order in which backward
+    # adds up gradients, and so the last bits of a float32 run
     if len(feats) >= 2:
         pairs = [dissimilarity_loss(a, b) for i, a in enumerate(feats) for b in feats[i + 1:]]
         terms["dis"] = pairs[0] if len(pairs) == 1 else torch.stack(pairs).mean()
-        total = total + lam * terms["dis"]
-    terms["total"] = total
+    terms["total"] = functools.reduce(operator.add, ce)
+    if "dis" in terms:
+        terms["total"] = terms["total"] + lam * terms["dis"]
     acm = out.aux.get("acm")
     if acm is not None and acm_weight:
         terms["acm"] = acm_penalty(acm, acm_weight)

@@ -276,7 +276,8 @@ class TwinNet(nn.Module):
 
     def output(self, g_s: torch.Tensor, g_t: torch.Tensor, acm: torch.Tensor | None = None) -> TwinOutput:
         """The heads on the backbones' features: ``head_s(g_s)``, ``head_t(g_t)``, ``head_f`` on Eq. (2)."""
-        return TwinOutput(self.head_s(g_s), self.head_t(g_t), self.head_f(fuse(self.alpha, g_s, g_t)), g_s, g_t, acm)
+        g = fuse(self.alpha, g_s, g_t)  # before the heads: the graph's order fixes backward's order of sums
+        return TwinOutput(self.head_s(g_s), self.head_t(g_t), self.head_f(g), g_s, g_t, acm)
 
     @property
     def acm_term(self):

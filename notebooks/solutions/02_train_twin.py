@@ -57,8 +57,8 @@ x_s, x_t = osteo.windowing.to_network_input(hu, "s"), osteo.windowing.to_network
 opt = torch.optim.Adam(twin.parameters(), lr=cfg.lr)
 for step in range(20):
     out = twin(x_s, x_t)
-    terms = osteo.twin_loss_terms(out, y, lam=cfg.lam)
-    loss = terms["total"] + osteo.acm_penalty(twin.acm_term, cfg.acm_weight)
+    terms = osteo.losses.model_loss(out, y, lam=cfg.lam, acm_weight=cfg.acm_weight)
+    loss = terms["total"]
     opt.zero_grad()
     loss.backward()
     opt.step()
