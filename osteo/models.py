@@ -122,9 +122,11 @@ class BasicBlockACM(BasicBlock):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.acm = ACM(self.bn2.num_features, groups=self.acm_groups)
+        self.maps = nn.Identity()  # the block's output maps as one tensor: the Grad-CAM layer (no weights)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return acm_block(x, self.conv1, self.bn1, self.conv2, self.bn2, self.acm, self.downsample)
+        y, dp = acm_block(x, self.conv1, self.bn1, self.conv2, self.bn2, self.acm, self.downsample)
+        return self.maps(y), dp
 
 
 class ResNetACM(ResNet):
@@ -342,15 +344,17 @@ def build_model(name: str, num_classes: int = 3, pretrained=False, image_size: i
 def gradcam_layer(model: nn.Module, branch: str = "s") -> nn.Module:
     """The Grad-CAM target layer of a model (design section 4, Fig. 4).
 
-    ResNets (with or without ACM): the last block of ``layer4``; TwinNet: that of ``G_s`` or ``G_t``
-    (``branch`` "s" / "t"); Inception-v3: ``Mixed_7c``; EfficientNet-b0: the last feature block;
+    ResNets: the last block of ``layer4`` (with ACM: its output maps, ``layer4[-1].maps``); TwinNet:
+    that of ``G_s`` or ``G_t`` (``branch`` "s" / "t"); Inception-v3: ``Mixed_7c``; EfficientNet-b0: the last feature block;
     Xception: ``act4`` (the final ReLU); ViT-B/16: ``ln_1`` of the last encoder layer (token maps,
     which :func:`osteo.gradcam.grad_cam` reshapes to the patch grid).
     """
     if isinstance(model, TwinNet):
         if branch not in ("s", "t"):
             raise ValueError(f"osteo/models.py: branch must be 's' or 't', got {branch!r}")
-        return (model.G_s if branch == "s" else model.G_t).layer4[-1]
+        return (model.G_s if branch == "s" else model.G_t).layer4[-1].maps
+    if isinstance(model, ResNetACM):
+        return model.layer4[-1].maps  # the last block's output (the block returns it with its ACM term)
     if isinstance(model, ResNet):
         return model.layer4[-1]
     if isinstance(model, tvm.Inception3):
@@ -451,7 +455,7 @@ TWIN = ModelSpec(
     build=lambda cfg: TwinNet(cfg.num_classes, alpha=cfg.alpha, learn_alpha=cfg.learn_alpha,
                               pretrained=cfg.pretrained, init=cfg.init),
     forward=lambda model, x_s, x_t: model(x_s, x_t), grouped=_grouped_twin,
-    gradcam=lambda model: [(0, model.G_s.layer4[-1], "s"), (1, model.G_t.layer4[-1], "t")],
+    gradcam=lambda model: [(0, gradcam_layer(model, "s"), "s"), (1, gradcam_layer(model, "t"), "t")],
     scalars=lambda model: {"alpha": float(model.alpha.detach())},
     options=("lam", "alpha", "learn_alpha", "init"),
 )

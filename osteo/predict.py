@@ -95,6 +95,11 @@ class _CsvOut:
         self.writer.writeheader()
         self.n = 0
 
+    @property
+    def tmp(self) -> Path:
+        """The temporary file the rows go to."""
+        return self.file.tmp
+
     def write(self, row: dict) -> None:
         self.writer.writerow({k: printable(v) for k, v in row.items()})
         self.n += 1

@@ -260,7 +260,7 @@ def test_twin_fusion_is_eq2():
         model.alpha.fill_(1.5)  # not clamped, like the paper
         out2 = model(xs, xt)
         torch.testing.assert_close(out2.logits_f, model.head_f(1.5 * out.g_s - 0.5 * out.g_t))
-    assert model.G_s.layer4[-1] is gradcam_layer(model) and model.G_t.layer4[-1] is gradcam_layer(model, "t")
+    assert model.G_s.layer4[-1].maps is gradcam_layer(model) and model.G_t.layer4[-1].maps is gradcam_layer(model, "t")
     assert isinstance(model.G_s.layer4[-1], om.BasicBlockACM)
 
 
