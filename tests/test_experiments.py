@@ -228,12 +228,13 @@ def test_model_retrains_a_result_cached_without_weights(tmp_path, capsys):
     """git keeps results/paper/runs/*/result.json but not the checkpoints: notebooks 02 and 08 need the
     weights, so such a run trains again, and its new result replaces the old one."""
     import torch
+    import torchvision
 
     exp = Experiments(TINY, results_dir=tmp_path / "results", data_dir=tmp_path / "data", progress=False)
     cfg = exp.config(model="resnet18_acm", inputs=("t",))
     model, first = exp.model(cfg)  # trains
     d = exp.run_dir(cfg)
-    assert (d / "checkpoint.pt").exists() and type(model).__name__ == "ResNet"
+    assert (d / "checkpoint.pt").exists() and isinstance(model, torchvision.models.ResNet)
     again, res = exp.model(cfg)  # cached with weights: the same network, nothing printed
     assert res.test == first.test and "again" not in capsys.readouterr().out
     for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
