@@ -62,6 +62,13 @@ independently of the label; on, it goes with the T-score at about its literature
   a low T-score (odds ratio 1.65 per SD: Schulz et al., J Clin Endocrinol Metab 2004; Kiel et al.,
   Calcif Tissue Int 2001). Off, calcification follows a random age instead of the patient's.
 
+What a network can learn from them, measured by ``benchmarks/masked_vertebra.py`` (a small CNN, 300
+patients per class, one 64-px slice each, 5-fold cross-validation by patient, 25 epochs, seed 0;
+95 % intervals by a bootstrap over patients): with the vertebra masked out it reaches 38.0 %
+(35.0-41.2) with the confounders on and 32.8 % (29.7-36.0, chance 33.3 %) with them off; on the full
+slices (confounders on) 67.6 % (64.7-70.4). So the soft tissues carry a small signal, as in real
+cohorts, and the bone carries most of it.
+
 Scanner: a Gaussian PSF (sigma 0.45-0.75 mm), then noise from a filtered back-projection
 (:mod:`osteo.ct_noise`: a bank of fields made by projecting an abdomen phantom, adding quantum noise
 to the sinogram and reconstructing; a random crop of a random field per slice, scaled to the slice's
