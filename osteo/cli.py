@@ -168,13 +168,15 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
             out = out_dir.relative_to(root) / nb.name
             t0 = time.perf_counter()
             try:
-                # A bar over the notebook's cells; the kernel only logs errors (its warning that
-                # it talks to papermill over TCP on this machine, once per notebook, is noise).
+                # A bar over the notebook's cells, and a silent kernel log: its warning that it talks
+                # to papermill over TCP (once per notebook) and, on a busy machine, "KeyboardInterrupt
+                # caught" when it is stopped after the last cell are noise. A failing cell still
+                # comes back in the notebook and raises PapermillExecutionError below.
                 pm.execute_notebook(
                     str(nb.relative_to(root)), str(out), parameters=params(nb),
                     cwd=str(nb_dir.relative_to(root)), kernel_name="python3",
                     progress_bar={"desc": nb.stem, "unit": "cell", "leave": True, "file": sys.stdout},
-                    log_output=False, report_mode=False, extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                    log_output=False, report_mode=False, extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
                 )
                 print(f"{nb.name}: done in {_duration(time.perf_counter() - t0)}", flush=True)
             except pm.PapermillExecutionError as e:

@@ -122,7 +122,7 @@ def test_reproduce_asks_papermill_for_a_cell_bar_and_a_quiet_kernel(monkeypatch)
     monkeypatch.setattr(osteo.report, "write_report", lambda out: ROOT / "results" / "smoke" / "REPORT.md")
     assert cli.reproduce("smoke", notebooks=["01"]) == 0
     assert [kw["progress_bar"]["desc"] for kw in kwargs] == ["01_preprocessing", "09_report"]
-    assert all(kw["extra_arguments"] == ["--IPKernelApp.log_level=ERROR"] for kw in kwargs)
+    assert all(kw["extra_arguments"] == ["--IPKernelApp.log_level=CRITICAL"] for kw in kwargs)
 
 
 @pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (59.6, "1 min 00 s"), (125, "2 min 05 s"),
