@@ -165,6 +165,15 @@ def test_cosine_curves_plot_the_start_and_every_epoch():
     fig = plots.cosine_curves({"shared": [r, r2], "one": r})
     lines = {ln.get_label(): ln.get_ydata() for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")}
     assert np.allclose(lines["shared"], [0.98, 0.4, 0.1]) and np.allclose(lines["one"], [0.99, 0.5, 0.2])
+    old = [_result(y, p, g, twin=True, history=[{"epoch": 1, "loss_dis": 0.4}, {"epoch": 2, "loss_dis": 0.1}]) for _ in range(2)]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # runs without cos_start: no "mean of empty slice" warning
+        fig = plots.cosine_curves({"Ours, independent": old, "Ours, shared": r, "other, shared": r2})
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")}
+    assert np.isnan(lines["Ours, independent"].get_ydata()[0]) and np.allclose(lines["Ours, independent"].get_ydata()[1:], [0.4, 0.1])
+    assert lines["Ours, independent"].get_color() == lines["Ours, shared"].get_color() != lines["other, shared"].get_color()
+    assert lines["Ours, shared"].get_linestyle() == "--" and lines["Ours, independent"].get_linestyle() == "-"
     single = _result(y, p, g)
     with pytest.raises(ValueError, match="only the twin"):
         plots.cosine_curves({"x": single})
