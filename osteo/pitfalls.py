@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from .experiments import Experiments, describe, patients_of, verdict
+from .manifest import load_manifest
 from .metrics import accuracy_ci, compare, compare_unpaired
 from .training import TrainConfig, TrainResult
 
@@ -28,8 +29,6 @@ def patient_pool(exp: Experiments) -> Experiments:
 
     The pool's manifest is written under ``<data_dir>/patient-pool/`` (paths relative to it), and
     rewritten only when its content changes; its runs are cached like any other."""
-    from .manifest import load_manifest
-
     source = exp.manifest()
     df = load_manifest(source)
     if "split" in df.columns:

@@ -7,12 +7,13 @@ import warnings
 import numpy as np
 
 import osteo
-from osteo import plots
+from osteo import notebook, plots
 from osteo.experiments import OURS, OURS_NO_DIS
 
 exp = osteo.Experiments(None)  # the profile: $OSTEO_PROFILE, else paper with a CUDA GPU, else laptop
 warnings.filterwarnings("ignore", message="ImageNet weights .* not available")  # said once, in plain words:
-print(plots.weights_note())
+print(notebook.weights_note())
+FIG = exp.out / "figures" / "solutions"
 NET = dict(model="resnet18_acm", inputs=("t",))
 
 # %% [markdown]
@@ -47,4 +48,5 @@ for label, rs in (("without L_dis", without), ("with L_dis", with_dis)):
 c = osteo.compare_seeds(with_dis[0].y_true, [r.predictions["f"] for r in with_dis], [r.predictions["f"] for r in without],
                         with_dis[0].test_patient_id)
 print(f"with minus without L_dis: {100 * c.diff:+.1f} points (95 % CI {100 * c.lo:+.1f} to {100 * c.hi:+.1f}), p = {c.p:.2f}")
-plots.cosine_curves({"(x_s, x_s) shared, without L_dis": without, "(x_s, x_s) shared, with L_dis": with_dis})
+fig = plots.cosine_curves({"(x_s, x_s) shared, without L_dis": without, "(x_s, x_s) shared, with L_dis": with_dis})
+print("saved", notebook.shown_path(plots.save_figure(fig, FIG / "10_cosine_one_view.png")))
