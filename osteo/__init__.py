@@ -12,7 +12,7 @@ from .models import MODEL_NAMES, TwinNet, TwinOutput, build_model, default_image
 from .losses import acm_penalty, dissimilarity_loss, twin_loss, twin_loss_terms
 from .gradcam import GradCAM, grad_cam
 from .metrics import (Comparison, accuracy_ci, accuracy_ci_seeds, bootstrap_metrics, classification_report, compare,
-                      compare_seeds, design_effect, mcnemar, min_detectable_difference)
+                      compare_seeds, compare_unpaired, design_effect, mcnemar, min_detectable_difference)
 from .data import SliceData, load_data
 from .training import TrainConfig, TrainResult, evaluate, load_model, train
 from .experiments import Experiments, resolve_profile
@@ -63,6 +63,7 @@ __all__ = [
     "classification_report",
     "compare",
     "compare_seeds",
+    "compare_unpaired",
     "design_effect",
     "mcnemar",
     "min_detectable_difference",

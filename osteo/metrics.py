@@ -335,6 +335,81 @@ def compare_seeds(y_true, preds_a, preds_b, groups, seed: int = 0, n_resamples: 
     return _compare(y_true, preds_a, preds_b, groups, seed, n_resamples)[0]
 
 
+def _patient_accuracy_kinds(y_true, y_pred, groups):
+    """One test set as kinds of patient: (class, slices, slices right) with how many patients of each."""
+    y, (p,), codes, _ = _arrays(y_true, [y_pred], groups)
+    g = codes.max() + 1
+    feats = np.zeros((g, 2))
+    np.add.at(feats, (codes, 0), 1.0)
+    np.add.at(feats, (codes, 1), (y == p).astype(float))
+    return _canonical(_strata(y, codes), feats)
+
+
+def _bootstrap_accuracy(kinds, n_resamples, rng):
+    stratum, feats, counts = kinds
+    return np.concatenate([(w @ feats[:, 1]) / (w @ feats[:, 0])
+                           for w in _resample_weights(stratum, counts, n_resamples, rng)])
+
+
+def _two_sample_permutation_p(ka, kb, n_perm, rng):
+    """Two-sided p of a permutation test over patients: within each class, the patients of both test
+    sets are pooled and dealt out again to A and B (as many to each as before); the statistic is
+    the accuracy difference. Monte Carlo with ``n_perm`` deals: ``(1 + #|d| >= |d_obs|) / (1 + n_perm)``."""
+    units, side = [], []
+    for which, (stratum, feats, counts) in enumerate((ka, kb)):
+        rows = np.repeat(np.column_stack([stratum, feats]), counts, axis=0)
+        units.append(rows)
+        side.append(np.full(len(rows), which))
+    units, side = np.vstack(units), np.concatenate(side)
+    strata, n_g, c_g = units[:, 0], units[:, 1], units[:, 2]
+    in_a = side == 0
+    obs = c_g[in_a].sum() / n_g[in_a].sum() - c_g[~in_a].sum() / n_g[~in_a].sum()
+    tot_n, tot_c = n_g.sum(), c_g.sum()
+    hits, done = 0, 0
+    chunk = max(1, min(n_perm, _CHUNK_CELLS // max(len(units), 1)))
+    tol = 1e-12  # the observed deal itself must count: ratios of the same integers, rounding apart
+    while done < n_perm:
+        b = min(chunk, n_perm - done)
+        a_n, a_c = np.zeros(b), np.zeros(b)
+        for s in np.unique(strata):
+            idx = np.flatnonzero(strata == s)
+            k = int(in_a[idx].sum())
+            pick = np.argsort(rng.random((b, len(idx))), axis=1)[:, :k]  # k patients of the class go to A
+            a_n += n_g[idx][pick].sum(1)
+            a_c += c_g[idx][pick].sum(1)
+        d = a_c / a_n - (tot_c - a_c) / (tot_n - a_n)
+        hits += int((np.abs(d) >= abs(obs) - tol).sum())
+        done += b
+    return (1 + hits) / (1 + n_perm)
+
+
+def compare_unpaired(y_a, pred_a, groups_a, y_b, pred_b, groups_b, seed: int = 0,
+                     n_resamples: int = N_RESAMPLES) -> Comparison:
+    """Accuracy of A minus accuracy of B when A and B were tested on DIFFERENT test sets (for example
+    two splits of one data set), where no paired test is possible. ``Comparison(diff, lo, hi, p)``:
+    the interval is the percentile interval of the difference of two independent cluster bootstraps,
+    each over its own test patients (stratified by class, as :func:`accuracy_ci`); the p-value is a
+    two-sample permutation test over patients (within each class the patients of both sets are dealt
+    out again at random; ``n_resamples`` deals). Two test sets that share patients are positively
+    correlated, so treating them as independent makes the interval wider, not narrower. When both
+    models were tested on the same slices use :func:`compare`: it is much sharper."""
+    ka = _patient_accuracy_kinds(y_a, pred_a, groups_a)
+    kb = _patient_accuracy_kinds(y_b, pred_b, groups_b)
+    # draw in a canonical order, so that compare_unpaired(B, A) is exactly -compare_unpaired(A, B)
+    key_a, key_b = (b"".join(x.tobytes() for x in k) for k in (ka, kb))
+    sign = 1.0 if key_a <= key_b else -1.0
+    first, second = (ka, kb) if sign > 0 else (kb, ka)
+    rng = np.random.default_rng(seed)
+    boots = _bootstrap_accuracy(first, n_resamples, rng) - _bootstrap_accuracy(second, n_resamples, rng)
+    acc = [(k[2] @ k[1])[1] / (k[2] @ k[1])[0] for k in (first, second)]
+    diff = float(acc[0] - acc[1])
+    lo, hi = _percentile(boots)
+    p = float(_two_sample_permutation_p(first, second, n_resamples, rng))
+    if sign < 0:
+        diff, lo, hi = -diff, -hi, -lo
+    return Comparison(diff + 0.0, lo + 0.0, hi + 0.0, p)
+
+
 def min_detectable_difference(y_true, preds_a, preds_b, groups, power: float = 0.8, seed: int = 0,
                               n_resamples: int = N_RESAMPLES) -> float:
     """The smallest accuracy difference (fraction) the paired test detects with ``power`` at the

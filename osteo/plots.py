@@ -221,6 +221,46 @@ def alpha_curve(history: list, initial: float = 0.5, title=None) -> Figure:
     return fig
 
 
+def cosine_curves(runs: dict, title=None) -> Figure:
+    """cos(g_s, g_t) of twin runs over training, one line per entry of ``runs`` ({label: TrainResult
+    or a list of them, one per seed: their mean}): at epoch 0 the cosine on the first batch before
+    any update (``cos_start`` of the history), then ``loss_dis`` of each epoch (the mean over its
+    batches, Eq. 4). The dissimilarity loss pushes this down; near 0 the features are orthogonal.
+    Labels that differ only after their last comma ("Ours, independent", "Ours, shared") share a
+    colour; a label with "shared" in it is dashed."""
+    if not runs:
+        raise ValueError("cosine_curves: give at least one run")
+    fig, axes = _grid(1, 1, w=6.4, h=3.8)
+    ax = axes[0, 0]
+    colours = {}
+    for label, res in runs.items():
+        colour = colours.setdefault(str(label).rsplit(",", 1)[0], f"C{len(colours)}")
+        res = list(res) if isinstance(res, (list, tuple)) else [res]
+        curves = []
+        for r in res:
+            h = r.history
+            if not h or "loss_dis" not in h[0]:
+                raise ValueError(f"cosine_curves: {label!r} has no cos(g_s, g_t) in its history (only the twin has one)")
+            start = [h[0]["cos_start"]] if "cos_start" in h[0] else [np.nan]
+            curves.append(start + [e["loss_dis"] for e in h])
+        if len({len(c) for c in curves}) != 1:
+            raise ValueError(f"cosine_curves: the runs of {label!r} have different numbers of epochs")
+        a = np.array(curves, dtype=float)
+        seen = np.isfinite(a).sum(0)  # runs made before cos_start was kept have none at epoch 0
+        y = np.divide(np.nansum(a, 0), seen, out=np.full(a.shape[1], np.nan), where=seen > 0)
+        ax.plot(np.arange(len(y)), y, marker="o" if len(y) < 25 else None, ms=3, lw=1.5, color=colour, label=label,
+                ls="--" if "shared" in str(label) else "-")  # a shared start dashed
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
+    ax.set_xlabel("epoch (0: before the first update)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("cos(g_s, g_t)")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
 def confusion(cm, labels=DEFAULT_LABELS, title=None) -> Figure:
     """Confusion matrix (rows: true class, columns: predicted), counts written in each cell and the
     colour the row fraction. ``cm`` may also be a dict ``{panel title: cm}``: one panel each, and

@@ -15,7 +15,8 @@ from .experiments import PROFILES, TABLES, project_root
 
 EXTRA_TABLES = {"clinical": "Clinical reference: threshold on mean trabecular HU (fitted on train)",
                 "fig3": "Fig. 3. Class-wise accuracy of G_s and G_t (Ours)",
-                "paired": "Did the paper's claims hold? Paired tests over patients"}
+                "paired": "Did the paper's claims hold? Paired tests over patients",
+                "pitfalls": "Protocol pitfalls: each against the honest protocol (notebook 10)"}
 
 
 def _fmt(v, nd=2) -> str:

@@ -29,7 +29,7 @@ NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
 EXECUTED = sorted((ROOT / "results" / "smoke" / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["00_data", "01_preprocessing", "02_train_twin", "03_ablation_dissimilarity", "04_ensemble_perspective",
-            "05_alpha_fusion", "06_baselines", "07_classwise_accuracy", "08_gradcam", "09_report"]
+            "05_alpha_fusion", "06_baselines", "07_classwise_accuracy", "08_gradcam", "09_report", "10_pitfalls"]
 
 _ROOTS = ["work", "home", "root", "tmp", "Users", "private", "var/folders"]  # written apart: no literal path in the repo
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])(" + "|".join(f"/{r}/" for r in _ROOTS) + r"|\b[A-Za-z]:\\\w)")
