@@ -56,7 +56,7 @@ PROFILES = {
     # class (one slice each): evaluating at 64 px costs seconds, and 450 test patients tell about
     # 8 points apart where 36 patients told nothing
     "laptop": Profile("laptop", 246, 128, 64, 8, 8, 32, (0,), 2, "auto",
-                      "CPU, about 12 minutes on 2 cores; small and noisy: a teaching run, not a reproduction",
+                      "CPU, about 16 minutes on 2 cores; small and noisy: a teaching run, not a reproduction",
                       n_test_per_class=150),
     "paper": Profile("paper", 1500, 256, 224, 60, 500, 128, (0, 1, 2), 5, "auto",
                      "the paper's sizes and hyperparameters; needs a GPU"),

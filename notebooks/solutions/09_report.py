@@ -17,7 +17,7 @@ print(notebook.weights_note())
 
 # %% [markdown]
 # ## Exercise 1: two profiles side by side
-# Run `osteo reproduce --profile laptop` (about 12 minutes on a 2-core laptop) and compare its tables with this
+# Run `osteo reproduce --profile laptop` (about 16 minutes on a 2-core laptop) and compare its tables with this
 # profile's. A conclusion "survives" if the order of two rows holds in both and a paired test supports it in
 # the larger run; with a few dozen test slices most differences are inside the noise.
 
