@@ -703,6 +703,13 @@ def train_epoch(run: _Run, epoch: int, train_set: SliceSet, step_fn, bar, stop_a
         if stop_after_steps is not None and run.steps_done >= stop_after_steps:
             bar.close()
             raise TrainingInterrupted(f"stopped after {run.steps_done} steps (stop_after_steps)")
+    return epoch_record(run, epoch, names, rows, correct, n, t0)
+
+
+def epoch_record(run: _Run, epoch: int, names: list, rows: list, correct, n: int, t0: float) -> dict:
+    """The end of an epoch of ``run`` (shared with :mod:`osteo.batched`): stop on a non-finite loss,
+    step the schedule, add the time since ``t0`` and return the history record of :func:`train_epoch`
+    from each step's loss terms ``rows`` (named ``names``) and the ``correct`` count of ``n`` slices."""
     values = torch.stack(rows).cpu().numpy()  # one host sync per epoch
     bad = ~np.isfinite(values)
     if bad.any():

@@ -1,0 +1,171 @@
+"""Several runs trained as one batched network (osteo.batched) end as their separate runs.
+
+In float64 on the CPU. vmap turns the members' convolutions into grouped convolutions, whose sums
+are ordered differently from a single network's: one step's loss terms and gradients agree to
+~1e-15 (relative; measured), except the ACM key/query biases, whose gradient is zero in exact
+arithmetic (a constant added to the logits of a softmax over positions) and rounding noise
+(~1e-17) in any run. Adam turns noise-level gradients into full steps, so after a few steps the
+trained weights of ANY two code paths (or CPUs) differ (0.6 % of a layer3 weight's scale after 4
+steps, measured); like the grouped engine's test, a whole run is therefore compared by its history,
+alpha, predictions and metrics, and the weights after one step.
+"""
+import json
+
+import pytest
+import torch
+
+import osteo
+from osteo.batched import batch_key, train_batched
+from osteo.training import TrainConfig, TrainingInterrupted, load_checkpoint
+from conftest import make_separable
+
+BASE = dict(epochs=2, batch_size=8, image_size=32, pretrained=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_separable(n_per_class=8)  # 18 training slices: batches of 8, 8 and 2 (epoch_batches)
+
+
+@pytest.fixture
+def float64(monkeypatch):
+    """Float64 networks and views, so the two code paths are compared without float32 rounding."""
+    import osteo.training as T
+
+    plain_model, plain_inputs = T.make_model, T.network_inputs
+    monkeypatch.setattr(T, "make_model", lambda cfg: plain_model(cfg).double())
+    monkeypatch.setattr(T, "network_inputs", lambda cfg, hu: [x.double() for x in plain_inputs(cfg, hu)])
+    import osteo.batched as B
+    monkeypatch.setattr(B, "network_inputs", T.network_inputs)
+
+
+def _assert_same_weights(a: dict, b: dict, tol: float):
+    """Every tensor within ``tol`` of its scale; the ACM key/query biases (no gradient in exact arithmetic) left out."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("acm.kq.bias"):
+            continue
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=tol * max(float(a[k].abs().max()), 1e-12), msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def _assert_same_result(ra: dict, rb: dict):
+    assert ra["config"] == rb["config"]
+    assert ra["predictions"] == rb["predictions"] and ra["y_true"] == rb["y_true"]
+    assert ra["test"] == rb["test"]  # computed from the predictions alone
+    assert len(ra["history"]) == len(rb["history"])
+    for ha, hb in zip(ra["history"], rb["history"]):
+        assert ha.keys() == hb.keys()
+        # epoch 1: float32 means of float64 terms, rel 1e-6 is a few float32 roundings; later epochs
+        # follow weights that Adam moved apart (see above): measured <= 1e-5, tolerance 1e-4
+        rel = 1e-6 if ha["epoch"] == 1 else 1e-4
+        for k in ha:
+            assert hb[k] == pytest.approx(ha[k], rel=rel, abs=1e-9), (ha["epoch"], k)
+    assert rb["alpha"] == pytest.approx(ra["alpha"], rel=1e-9)
+
+
+MEMBERS = {
+    "twin": [dict(seed=1, lam=0.1), dict(seed=2, lam=0.5, lr=3e-3)],
+    "resnet18_acm": [dict(model="resnet18_acm", inputs=("t",), seed=4), dict(model="resnet18_acm", inputs=("t",), seed=5, acm_weight=0.0)],
+}
+
+
+@pytest.mark.parametrize("kind", list(MEMBERS))
+def test_batched_members_equal_their_separate_runs(kind, tiny, float64, tmp_path):
+    cfgs = [TrainConfig(**BASE, **m) for m in MEMBERS[kind]]
+    dirs = [tmp_path / f"b{i}" for i in range(len(cfgs))]
+    got = train_batched(cfgs, tiny, dirs, progress=False, checkpoint_every_s=0)
+    for i, cfg in enumerate(cfgs):
+        ref = osteo.train(cfg, tiny, tmp_path / f"s{i}", progress=False, checkpoint_every_s=0)
+        _assert_same_result(ref.__dict__, got[i].__dict__)
+        a = json.loads((tmp_path / f"s{i}" / "result.json").read_text())
+        b = json.loads((dirs[i] / "result.json").read_text())
+        _assert_same_result(a, b)
+        assert load_checkpoint(dirs[i] / "checkpoint.pt")["config"] == cfg.to_dict()
+    assert got[0].history[-1]["loss_total"] < got[0].history[0]["loss_total"]  # it does learn
+    # the members did train differently (not one run copied N times)
+    assert got[0].history[-1]["loss_total"] != got[1].history[-1]["loss_total"]
+
+
+def test_killed_batched_run_resumes_to_the_same_end(tiny, float64, tmp_path):
+    """Killed in epoch 2 (after epoch 1's checkpoints), the batched run resumes every member from its
+    own checkpoint and ends bit for bit where an uninterrupted batched run ends."""
+    cfgs = [TrainConfig(**BASE, seed=1, lam=0.1), TrainConfig(**BASE, seed=2, lam=0.5)]
+    whole = [tmp_path / f"w{i}" for i in range(2)]
+    cut = [tmp_path / f"c{i}" for i in range(2)]
+    ref = train_batched(cfgs, tiny, whole, progress=False, checkpoint_every_s=0)
+    with pytest.raises(TrainingInterrupted):
+        train_batched(cfgs, tiny, cut, progress=False, checkpoint_every_s=0, stop_after_steps=4)  # 3 steps an epoch
+    for d in cut:
+        assert load_checkpoint(d / "checkpoint.pt")["epoch"] == 1 and not (d / "result.json").exists()
+    got = train_batched(cfgs, tiny, cut, progress=False, checkpoint_every_s=0)
+    for i in range(2):
+        a, b = load_checkpoint(whole[i] / "checkpoint.pt")["model"], load_checkpoint(cut[i] / "checkpoint.pt")["model"]
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+        assert got[i].history == ref[i].history and got[i].predictions == ref[i].predictions
+        assert got[i].test == ref[i].test
+    again = train_batched(cfgs, tiny, cut, progress=False)  # finished: the saved results, nothing trained
+    assert [r.history for r in again] == [r.history for r in got]
+
+
+def test_members_must_share_the_batch_keys():
+    a = TrainConfig(**BASE, seed=1)
+    assert batch_key(a) == batch_key(TrainConfig(**BASE, seed=2, lam=0.5, lr=1e-2))
+    with pytest.raises(ValueError, match="differ in epochs"):
+        train_batched([a, TrainConfig(**{**BASE, "epochs": 3}, seed=2)], None)
+    with pytest.raises(ValueError, match="differ in model, inputs"):
+        train_batched([a, TrainConfig(**BASE, model="resnet18_acm", inputs=("t",))], None)
+    with pytest.raises(ValueError, match="the same config twice"):
+        train_batched([a, TrainConfig(**BASE, seed=1)], None)
+    with pytest.raises(ValueError, match="share one out_dir"):
+        train_batched([a, TrainConfig(**BASE, seed=2)], None, ["x", "./x"])
+    with pytest.raises(ValueError, match="no configs"):
+        train_batched([], None)
+
+
+@pytest.mark.parametrize("kind", list(MEMBERS))
+def test_one_batched_step_is_each_members_step(kind, tiny, float64):
+    """One optimisation step: each member's loss terms, gradients, weights and batch-norm statistics
+    equal those of its own network's plain step (measured: ~1e-15; tolerance 1e-10)."""
+    import copy
+
+    import osteo.training as T
+    from osteo.batched import _BatchedStep
+
+    cfgs = [TrainConfig(**BASE, **m) for m in MEMBERS[kind]]
+    runs = [T._start_run(c, torch.device("cpu")) for c in cfgs]
+    refs = [(copy.deepcopy(r.model), None) for r in runs]
+    refs = [(m, torch.optim.Adam(m.parameters(), lr=c.lr)) for (m, _), c in zip(refs, cfgs)]
+    g = torch.Generator().manual_seed(0)
+    idx = [torch.randperm(len(tiny.train), generator=g)[:8] for _ in cfgs]
+    hus, ys = [tiny.train.hu[i] for i in idx], [tiny.train.y[i] for i in idx]
+    for r in runs:
+        r.model.train()
+    _, terms = _BatchedStep(runs, amp=False)(hus, ys)
+    for r, (m, opt), c, hu, y, t in zip(runs, refs, cfgs, hus, ys, terms):
+        m.train()
+        _, want = T.train_step(m, c, opt, hu, y, amp=False)
+        assert want.keys() == t.keys()
+        for k in want:
+            assert float(t[k].detach()) == pytest.approx(float(want[k].detach()), rel=1e-10, abs=1e-12), k
+        got_grads = dict(r.model.named_parameters())
+        for k, p in m.named_parameters():
+            if not k.endswith("acm.kq.bias"):
+                scale = max(float(p.grad.abs().max()), 1e-12)
+                torch.testing.assert_close(got_grads[k].grad, p.grad, rtol=0, atol=1e-10 * scale, msg=k)
+        # Adam's first step is lr * sign(gradient): where a gradient is below its rounding error (1e-10
+        # of the tensor's scale, above) its sign is noise, so weights are compared where it is not
+        # (measured: <= 2e-14 absolute, 1.3e-12 relative; tolerances 1e-12 and 1e-9)
+        for k, p in m.named_parameters():
+            if k.endswith("acm.kq.bias"):
+                continue
+            sure = p.grad.abs() > 1e-5 * max(float(p.grad.abs().max()), 1e-300)
+            assert sure.sum() >= 0.5 * (p.grad != 0).sum(), k  # most weights that move are compared
+            torch.testing.assert_close(got_grads[k][sure], p[sure], rtol=1e-9, atol=1e-12, msg=lambda e, k=k: f"{k}: {e}")
+        for k, b in m.named_buffers():  # batch-norm statistics, alpha
+            torch.testing.assert_close(dict(r.model.named_buffers())[k], b, rtol=1e-9, atol=1e-12, msg=k)
+        moved = [k for k, v in m.state_dict().items() if "running_mean" in k and float(v.abs().max()) > 0]
+        assert moved  # the statistics did update (and were compared above)
