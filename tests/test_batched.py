@@ -63,7 +63,10 @@ def _assert_same_result(ra: dict, rb: dict):
         rel = 1e-6 if ha["epoch"] == 1 else 1e-4
         for k in ha:
             assert hb[k] == pytest.approx(ha[k], rel=rel, abs=1e-9), (ha["epoch"], k)
-    assert rb["alpha"] == pytest.approx(ra["alpha"], rel=1e-9)
+    if ra["alpha"] is None:  # a single network
+        assert rb["alpha"] is None
+    else:  # float64, after Adam moved the weights apart: measured 7e-8 relative, tolerance 1e-6
+        assert rb["alpha"] == pytest.approx(ra["alpha"], rel=1e-6)
 
 
 MEMBERS = {
