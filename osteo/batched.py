@@ -2,7 +2,7 @@
 
 Runs that share a network, an input size, a batch size and an epoch count (the runs of one table,
 or one config over several seeds) differ only in their numbers: initial weights, data order, loss
-weights (``lam``, ``acm_weight``), learning rate. Each optimisation step stacks the members'
+weights (``lam``, ``acm_weight``), learning rate, and the views they read (``inputs``). Each optimisation step stacks the members'
 weights and batch-norm statistics on a new leading axis and runs the members' forward as one
 computation with :func:`torch.func.vmap` over :func:`torch.func.functional_call` (the recipe of
 PyTorch's model-ensembling tutorial): a convolution of N members becomes one grouped convolution.
@@ -39,7 +39,7 @@ from .training import (
 __all__ = ["BATCH_KEYS", "batch_key", "train_batched"]
 
 #: The config fields that members of one batched run must share (the rest may differ).
-BATCH_KEYS = ("model", "inputs", "epochs", "batch_size", "image_size", "device", "amp", "num_classes")
+BATCH_KEYS = ("model", "epochs", "batch_size", "image_size", "device", "amp", "num_classes")
 
 
 def batch_key(cfg: TrainConfig) -> tuple:
@@ -147,7 +147,7 @@ def train_batched(configs: list[TrainConfig], data: SliceData, out_dirs=None, pr
     """Train several configs on ``data`` as one batched network; the same results as :func:`osteo.train`
     on each (same initial weights, data order, losses, optimiser, checkpoints and ``result.json``).
 
-    The configs must share :data:`BATCH_KEYS` (network, views, epochs, batch size, image size, device).
+    The configs must share :data:`BATCH_KEYS` (network, epochs, batch size, image size, device).
     ``out_dirs`` (one folder per config) works as ``out_dir`` of :func:`osteo.train`: a member with a
     saved result is not trained again, and an interrupted batched run resumes each member from its own
     checkpoint. ``stop_after_steps`` counts batched steps (each is one step of every member).

@@ -3,7 +3,7 @@
     osteo synth OUT_DIR [--n-per-class 1500 --size 256 --seed 0]   write the synthetic DICOM set
     osteo train MANIFEST [--model twin --epochs 60 ...] --out DIR     train one config
     osteo reproduce [--profile auto|smoke|laptop|paper --seeds 0]     run every notebook (papermill)
-    osteo grid [--profile P --tables table2 ... --seeds 0 --worker I/N]  train the tables' runs, no notebooks
+    osteo grid [--profile P --tables table2 ... --seeds 0 --worker I/N --batch-runs N]  train the tables' runs, no notebooks
     osteo report --profile P                                          rebuild results/P/REPORT.md
     osteo predict CHECKPOINT PATH... [--out predictions.csv --gradcam DIR]
     osteo bench [--image-size 224 --batch-size 128]                   training throughput table
@@ -229,6 +229,8 @@ def _cmd_grid(a) -> int:
     _check_profile(a.profile)
     if a.worker:
         _parse_worker(a.worker)  # before anything is loaded
+    if a.batch_runs < 1:
+        raise UserError(f"--batch-runs {a.batch_runs}: need N >= 1 (1 trains each run on its own)")
     exp = Experiments(a.profile, seeds=a.seeds, progress=not a.no_progress)
     warning = cpu_warning(exp.profile)
     if warning and not a.only_cached:
@@ -236,10 +238,10 @@ def _cmd_grid(a) -> int:
     names = a.tables or list(TABLES)
     if a.worker:
         i, n = _parse_worker(a.worker)
-        exp.grid(names, i, n)
+        exp.grid(names, i, n, batch_runs=a.batch_runs)
         return 0
     if not a.only_cached:
-        exp.grid(names)
+        exp.grid(names, batch_runs=a.batch_runs)
     complete = []
     for name in names:
         missing = exp.missing([name])
@@ -370,6 +372,9 @@ def _add_runs(sub) -> None:
     g.add_argument("--worker", help="I/N: train only runs I, I+N, I+2N, ... (1-based) of the grid, for N processes "
                                     "side by side sharing results/; saves no tables. Make the data first (one "
                                     "`osteo grid --only-cached` does) so that workers do not all make it")
+    g.add_argument("--batch-runs", type=int, default=1, metavar="N",
+                   help="train up to N missing runs that share a network, input size and epoch count at once, "
+                        "as one batched network (each writes the result its own run would)")
     g.add_argument("--only-cached", action="store_true", help="train nothing: save the tables whose runs are all cached")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs of parallel workers)")
     g.set_defaults(func=_cmd_grid)

@@ -402,13 +402,20 @@ class Experiments:
         f = self.run_dir(cfg) / "result.json"
         return f.exists() and TrainResult.from_json(f).config == cfg.to_dict()
 
-    def grid(self, names=None, worker: int = 0, n_workers: int = 1) -> list:
+    def grid(self, names=None, worker: int = 0, n_workers: int = 1, batch_runs: int = 1) -> list:
         """Train every missing run of the named tables (resumable: finished runs come from the
         cache). ``worker``/``n_workers`` split the runs between processes that share the cache
-        folder (e.g. several trainings side by side on one GPU); returns this worker's results."""
+        folder (e.g. several trainings side by side on one GPU); returns this worker's results.
+        ``batch_runs`` > 1 trains up to that many missing runs that share a network, input size and
+        epoch count at once as one batched network (:func:`osteo.batched.train_batched`), each
+        with the result its own run would give."""
         if not 0 <= worker < n_workers:
             raise ValueError(f"worker {worker} of {n_workers}: need 0 <= worker < n_workers")
+        if isinstance(batch_runs, bool) or not isinstance(batch_runs, int) or batch_runs < 1:
+            raise ValueError(f"batch_runs must be an integer >= 1, got {batch_runs!r}")
         mine = self.table_configs(names)[worker::n_workers]
+        if batch_runs > 1:
+            self._train_batched([c for c in mine if not self.is_done(c)], batch_runs)
         results = []
         for i, cfg in enumerate(mine, 1):
             cached = self.is_done(cfg)
@@ -417,6 +424,19 @@ class Experiments:
             print(f"[{worker + 1}/{n_workers}] {i}/{len(mine)} {describe(cfg)}: acc {100 * res.accuracy:.2f} % "
                   f"({'cached' if cached else f'{res.seconds:.0f} s on {res.device}, engine {res.engine}'})", flush=True)
         return results
+
+    def _train_batched(self, cfgs: list, batch_runs: int) -> None:
+        """Train ``cfgs`` in groups of up to ``batch_runs`` that can share one batched network."""
+        from .batched import batch_key, train_batched
+
+        groups: dict = {}
+        for c in cfgs:
+            groups.setdefault((batch_key(c), c.split), []).append(c)
+        for group in groups.values():
+            for k in range(0, len(group), batch_runs):
+                part = group[k:k + batch_runs]
+                data = self.data(part[0].image_size, part[0].split)
+                train_batched(part, data, [self.run_dir(c) for c in part], progress=self.progress)
 
     def missing(self, names=None) -> list:
         """The configs of the named tables that the cache does not hold yet."""

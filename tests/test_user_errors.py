@@ -210,7 +210,7 @@ def _bad_manifest(tmp_path):
     "train: zero epochs", "train: bad device", "train: out is a file", "train: negative lr",
     "synth: out is a file", "synth: zero per class", "synth: tiny size",
     "predict: out is a folder", "predict: out under a file", "predict: gradcam is a file", "predict: bad device",
-    "grid: unknown profile", "grid: bad worker", "report: unknown profile", "reproduce: unknown profile",
+    "grid: unknown profile", "grid: bad worker", "grid: zero batch runs", "report: unknown profile", "reproduce: unknown profile",
     "reproduce: unknown notebook",
 ])
 def test_every_command_reports_user_errors_in_one_line(tmp_path, capsys, slices, case):
@@ -235,6 +235,7 @@ def test_every_command_reports_user_errors_in_one_line(tmp_path, capsys, slices,
         "predict: bad device": (["predict", ck, slices[0], "--device", "tpu", "--out", tmp_path / "p.csv"], "'tpu'"),
         "grid: unknown profile": (["grid", "--profile", "huge"], "--profile 'huge'"),
         "grid: bad worker": (["grid", "--profile", "smoke", "--worker", "3/2"], "--worker '3/2'"),
+        "grid: zero batch runs": (["grid", "--profile", "smoke", "--batch-runs", "0"], "--batch-runs 0"),
         "report: unknown profile": (["report", "--profile", "huge"], "--profile 'huge'"),
         "reproduce: unknown profile": (["reproduce", "--profile", "huge"], "--profile 'huge'"),
         "reproduce: unknown notebook": (["reproduce", "--profile", "smoke", "--notebooks", "77"], "--notebooks '77'"),
