@@ -14,7 +14,8 @@ the training slices in its own order (its seed), computes its own loss terms (Eq
 and ``result.json``. The stack is rebuilt from the members' weights at every step, so gradients flow
 back to each member's parameters, and the updated batch-norm statistics are copied back.
 
-Only the training steps are batched; the final test evaluation runs per member. A member's
+Only the training steps are batched; the final test evaluation runs per member. A result's
+``engine`` says ``"batched xN"`` (N members trained together). A member's
 ``seconds`` is its share of the batched epochs' time (the epoch's time divided by the members).
 """
 from __future__ import annotations
@@ -203,6 +204,7 @@ def train_batched(configs: list[TrainConfig], data: SliceData, out_dirs=None, pr
     bar.close()
     for i, run, _, result_path, _ in members:
         result = _final_result(run, data)
+        result.engine = f"batched x{len(members)}"  # how its steps ran: vmapped beside the other members
         if result_path is not None:
             result.to_json(result_path)
         results[i] = result

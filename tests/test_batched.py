@@ -87,6 +87,7 @@ def test_batched_members_equal_their_separate_runs(kind, tiny, float64, tmp_path
         b = json.loads((dirs[i] / "result.json").read_text())
         _assert_same_result(a, b)
         assert load_checkpoint(dirs[i] / "checkpoint.pt")["config"] == cfg.to_dict()
+    assert {r.engine for r in got} == {f"batched x{len(cfgs)}"}
     assert got[0].history[-1]["loss_total"] < got[0].history[0]["loss_total"]  # it does learn
     # the members did train differently (not one run copied N times)
     assert got[0].history[-1]["loss_total"] != got[1].history[-1]["loss_total"]
