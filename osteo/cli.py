@@ -31,7 +31,7 @@ from .experiments import PROFILES, TABLES, Experiments, cpu_warning, describe, p
 from .manifest import ManifestError
 from .models import MODELS, model_spec
 from .predict import PredictError, predict_files
-from .report import write_report
+from .report import duration, write_report
 from .synthetic import SyntheticError, synthesize
 from .training import CheckpointError, DeviceError, TrainConfig, resolve_device, train
 from .weights import WeightsError
@@ -178,7 +178,7 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
                     progress_bar={"desc": nb.stem, "unit": "cell", "leave": True, "file": sys.stdout},
                     log_output=False, report_mode=False, extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
                 )
-                print(f"{nb.name}: done in {_duration(time.perf_counter() - t0)}", flush=True)
+                print(f"{nb.name}: done in {duration(time.perf_counter() - t0)}", flush=True)
             except pm.PapermillExecutionError as e:
                 print(f"error: {nb.name} failed in cell [{e.exec_count}]: {e.ename}: {e.evalue}\n"
                       f"the executed notebook with the traceback is {out}", file=sys.stderr)
@@ -192,16 +192,6 @@ def reproduce(profile: str = "auto", notebooks=None, tables=None, seeds=None) ->
         else:
             os.environ["OSTEO_PROFILE"] = env_before
     return 0
-
-
-def _duration(seconds: float) -> str:
-    """``42 s``, ``3 min 05 s``, ``1 h 02 min``: a notebook's run time for people."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def _cmd_reproduce(a) -> int:

@@ -129,9 +129,9 @@ def test_reproduce_asks_papermill_for_a_cell_bar_and_a_quiet_kernel(monkeypatch)
 @pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (59.6, "1 min 00 s"), (125, "2 min 05 s"),
                                            (3599.4, "59 min 59 s"), (3600, "1 h 00 min"), (7322, "2 h 02 min")])
 def test_durations_read_like_a_person_writes_them(seconds, text):
-    from osteo.cli import _duration
+    from osteo.report import duration
 
-    assert _duration(seconds) == text
+    assert duration(seconds) == text
 
 
 def _executed(tmp_path, name, duration, cells, exception=None):
