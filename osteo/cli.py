@@ -2,6 +2,7 @@
 
     osteo synth OUT_DIR [--n-per-class 1500 --size 256 --seed 0]   write the synthetic DICOM set
     osteo train MANIFEST [--model twin --epochs 60 ...] --out DIR     train one config
+    torchrun --nproc_per_node N -m osteo train MANIFEST --out DIR     one run shared by N processes/GPUs
     osteo reproduce [--profile auto|smoke|laptop|paper --seeds 0]     run every notebook (papermill)
     osteo grid [--profile P --tables table2 ... --seeds 0 --worker I/N --batch-runs N]  train the tables' runs, no notebooks
     osteo report --profile P                                          rebuild results/P/REPORT.md
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import bench
+from . import bench, distributed
 from . import weights as w
 from .data import load_data
 from .dicom import DicomError
@@ -102,8 +103,10 @@ def _cmd_train(a) -> int:
     except (ValueError, NotImplementedError) as e:
         raise UserError(str(e).replace("TrainConfig.", "--").replace("TrainConfig: ", "")) from None
     resolve_device(cfg.device)
+    world = distributed.current_world()  # under torchrun: the processes train this run together
+    say = print if world is None or world.main else (lambda *args, **kw: None)
     data = load_data(a.manifest, image_size=cfg.image_size, seed=a.seed)
-    print(data.describe())
+    say(data.describe())
     try:
         res = train(cfg, data, out_dir=a.out)
     except ValueError as e:
@@ -113,7 +116,7 @@ def _cmd_train(a) -> int:
         raise
     lo, hi = res.accuracy_ci95
     head = res.test[res.main_head]
-    print(f"test accuracy {res.accuracy:.4f} (95 % CI {lo:.4f}-{hi:.4f}, {head.get('interval', 'Wilson')}) on "
+    say(f"test accuracy {res.accuracy:.4f} (95 % CI {lo:.4f}-{hi:.4f}, {head.get('interval', 'Wilson')}) on "
           f"{head['n']} slices of {head.get('n_patients', '?')} patients; "
           f"ImageNet weights: {'yes' if res.pretrained_used else 'no'}; result in {a.out}/result.json")
     return 0

@@ -28,6 +28,7 @@ import torch
 import torchvision
 from tqdm.auto import tqdm
 
+from . import distributed
 from .atomic import atomic_write, write_text_atomic
 from .data import SliceData, SliceSet
 from .losses import model_loss
@@ -207,16 +208,17 @@ class TrainingInterrupted(RuntimeError):
     """Raised by ``train(..., stop_after_steps=N)``: simulates a run killed mid-epoch."""
 
 
-def epoch_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+def epoch_batches(n: int, batch_size: int, smallest: int = 2) -> list[tuple[int, int]]:
     """(start, end) of each batch of an epoch of ``n`` shuffled slices.
 
     Batches hold ``batch_size`` slices, the last one what is left, except that a last batch of ONE
     slice is folded into the one before (which then holds ``batch_size + 1``): batch norm cannot
     train on a single slice, and this keeps every slice in every epoch, deterministically. So 9
-    slices in batches of 8 give one batch of 9; 17 give 8 + 9; 18 give 8 + 8 + 2.
+    slices in batches of 8 give one batch of 9; 17 give 8 + 9; 18 give 8 + 8 + 2. A run shared by
+    P processes passes ``smallest=max(2, P)``, so that every process gets a slice of every batch.
     """
     bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < smallest:
         bounds[-2:] = [(bounds[-2][0], n)]
     return bounds
 
@@ -604,6 +606,16 @@ class _Run:
     seconds: float = 0.0
     best: dict | None = None  # report_epoch="best_on_test": {"epoch", "test", "predictions"} of the best epoch so far
     steps_done: int = 0
+    world: distributed.World | None = None  # under torchrun: this process's place in the run
+
+    @property
+    def main(self) -> bool:
+        """The process that prints and writes files (the only one, outside torchrun)."""
+        return self.world is None or self.world.main
+
+    def batches(self, n: int) -> list[tuple[int, int]]:
+        """The epoch's batches of ``n`` slices (:func:`epoch_batches`), as every process cuts them."""
+        return epoch_batches(n, self.cfg.batch_size, smallest=max(2, self.world.size) if self.world else 2)
 
     @property
     def spec(self):
@@ -691,8 +703,10 @@ def train_epoch(run: _Run, epoch: int, train_set: SliceSet, step_fn, bar, stop_a
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = torch.randperm(n, generator=gen).to(device)
     rows, correct, names = [], torch.zeros((), device=device), None
-    for lo, hi in epoch_batches(n, cfg.batch_size):
+    for lo, hi in run.batches(n):
         idx = order[lo:hi]
+        if run.world is not None:  # this process's share of the global batch
+            idx = idx[run.world.share(hi - lo)]
         hu, y = train_set.hu[idx], train_set.y[idx]
         out, terms = step_fn(hu, y)
         names = list(terms)
@@ -703,6 +717,8 @@ def train_epoch(run: _Run, epoch: int, train_set: SliceSet, step_fn, bar, stop_a
         if stop_after_steps is not None and run.steps_done >= stop_after_steps:
             bar.close()
             raise TrainingInterrupted(f"stopped after {run.steps_done} steps (stop_after_steps)")
+    if run.world is not None:
+        correct = run.world.sum(correct)
     return epoch_record(run, epoch, names, rows, correct, n, t0)
 
 
@@ -758,7 +774,8 @@ def _final_result(run: _Run, data: SliceData) -> TrainResult:
         y_true=data.test.y.cpu().tolist(), predictions=preds, alpha=run.spec.scalars(run.model).get("alpha"),
         pretrained_used=run.pretrained_used,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        seconds=run.seconds, engine=str(run.engine), data=data.describe(), versions=_versions(),
+        seconds=run.seconds, engine=str(run.engine) + (f", {run.world.size} processes" if run.world else ""),
+        data=data.describe(), versions=_versions(),
         synthetic_version=getattr(data, "synthetic_version", ""),
         test_patient_id=[_pseudonymous(p) for p in data.test.patient_id],
         imagenet_weights=run.imagenet_weights, reported_epoch=reported_epoch,
@@ -781,9 +798,13 @@ def train(
     epoch once ``checkpoint_every_s`` seconds have passed since the last one (0: every epoch), and
     always after the last epoch, so fast GPU epochs do not wait on the disk. ``stop_after_steps`` stops training early
     (raising :class:`TrainingInterrupted`; tests use it to simulate a kill mid-epoch).
+
+    Started by ``torchrun`` with several processes, the processes train this one run together
+    (:mod:`osteo.distributed`); only the first writes files and shows progress.
     """
     cfg = config
-    device = resolve_device(cfg.device)
+    world = distributed.current_world()
+    device = _process_device(cfg, world)
     ckpt_path = result_path = None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -793,13 +814,15 @@ def train(
             return cached
     _check_data_split(cfg, data)
     run = _start_run(cfg, device)
+    run.world = world
     if ckpt_path is not None and ckpt_path.exists():
         resume_run(run, ckpt_path)
     train_set = _training_set(data, device)
-    steps = len(epoch_batches(len(train_set), cfg.batch_size))
-    step_fn = run.engine.runner(run.model, cfg, run.opt, cfg.amp and device.type == "cuda")
+    steps = len(run.batches(len(train_set)))
+    amp = cfg.amp and device.type == "cuda"
+    step_fn = _distributed_step(run, amp) if world else run.engine.runner(run.model, cfg, run.opt, amp)
     bar = tqdm(total=cfg.epochs * steps, initial=run.start_epoch * steps, desc=f"train {cfg.model}",
-               disable=not progress, leave=False)
+               disable=not progress or not run.main, leave=False)
     last_save = time.perf_counter()
     run.model.train()
     for epoch in range(run.start_epoch, cfg.epochs):
@@ -808,11 +831,44 @@ def train(
             _test_every_epoch(run, rec, data.test)
         run.history.append(rec)
         bar.set_postfix(epoch=epoch + 1, loss=f"{rec['loss_total']:.3f}", acc=f"{rec['train_acc']:.2f}")
-        if ckpt_path is not None and (epoch + 1 == cfg.epochs or time.perf_counter() - last_save >= checkpoint_every_s):
+        if ckpt_path is not None and run.main and (epoch + 1 == cfg.epochs or time.perf_counter() - last_save >= checkpoint_every_s):
             save_run(run, ckpt_path, epoch + 1)
             last_save = time.perf_counter()
     bar.close()
     result = _final_result(run, data)
-    if result_path is not None:
+    if result_path is not None and run.main:
         result.to_json(result_path)
     return result
+
+
+def _process_device(cfg: TrainConfig, world) -> torch.device:
+    """The device this process trains on: ``cfg.device``; under torchrun, a CUDA run takes GPU LOCAL_RANK."""
+    device = resolve_device(cfg.device)
+    if world is not None and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _distributed_step(run: _Run, amp: bool):
+    """One step of a run shared by several processes (:mod:`osteo.distributed`): this process's share
+    of the global batch, forward through DistributedDataParallel, the share's part of Eq. (5) and
+    ACM's term; returns (the share's output, the global batch's loss terms)."""
+    cfg = run.cfg
+    if cfg.engine not in ("auto", "eager"):
+        raise ValueError(f"TrainConfig.engine {cfg.engine!r}: a run under torchrun uses the eager engine "
+                         f"(engine='auto' or 'eager'); the faster engines run one process")
+    run.engine = Engine()
+    ddp = distributed.data_parallel(run.model, run.spec.run, run.device)
+
+    def step(hu: torch.Tensor, y: torch.Tensor):
+        with torch.autocast(hu.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = ddp(*network_inputs(cfg, hu))
+            objective, terms = distributed.share_loss(model_loss(out, y, lam=cfg.lam, acm_weight=0.0), out, y,
+                                                      cfg.acm_weight, run.world)
+        run.opt.zero_grad(set_to_none=True)
+        objective.backward()
+        run.opt.step()
+        return out, terms
+
+    return step
