@@ -28,7 +28,7 @@ import torch
 import torchvision
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import compile_cache, distributed
 from .atomic import atomic_write, write_text_atomic
 from .data import SliceData, SliceSet
 from .losses import model_loss
@@ -344,16 +344,20 @@ class StepRunner:
     slices in batches of 128 leave 16; or ``batch_size + 1``, see :func:`epoch_batches`) runs the same function eagerly on the same weights, so a run
     compiles one shape only (each shape took 60-90 s on the H100). Backward and the optimiser stay
     eager. With ``graphs``, each compiled step starts a new CUDA-graph step, and outputs are read
-    before the next.
+    before the next. The compiled work is saved after the first compiled step and loaded by the
+    next run of the same configuration (:mod:`osteo.compile_cache`), which then skips compiling.
     """
 
     def __init__(self, engine: Engine, model, cfg: TrainConfig, opt, amp: bool):
         self.engine, self.model, self.cfg, self.opt, self.amp = engine, model, cfg, opt, amp
         self.plain = functools.partial(forward_loss, model, cfg, grouped=engine.grouped)
-        self.compiled = None
+        self.compiled = self.cache_file = None
         if engine.compile:
             mode = "reduce-overhead" if engine.graphs else None
+            compile_cache.use_kit_folder_for_torch()
             self.compiled = torch.compile(self.plain, mode=mode, dynamic=False)
+            self.cache_file = compile_cache.cache_file(cfg.to_dict(), next(model.parameters()).device)
+            self.cache_loaded = compile_cache.load(self.cache_file)
 
     def __call__(self, hu: torch.Tensor, y: torch.Tensor):
         fn = self.plain
@@ -366,6 +370,9 @@ class StepRunner:
         self.opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.opt.step()
+        if fn is self.compiled and self.cache_file is not None:  # forward and backward compiled: keep them
+            compile_cache.save(self.cache_file)
+            self.cache_file = None
         return out, terms
 
 

@@ -11,6 +11,7 @@ them with different kernels here:
 """
 import os
 import socket
+import tempfile
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ import torch
 
 from osteo.data import SliceData, SliceSet
 
+# compiled engines keep their work in a folder of this test session, not in the user's cache
+os.environ.setdefault("OSTEO_COMPILE_CACHE", tempfile.mkdtemp(prefix="osteo-test-compile-"))
 if os.environ.get("OSTEO_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["OSTEO_TEST_THREADS"]))
 if os.environ.get("OSTEO_TEST_NO_MKLDNN", "0") not in ("", "0"):
