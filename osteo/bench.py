@@ -13,6 +13,10 @@ Rows (images per second, ratio to the anchor, peak GPU memory, seconds spent war
                      grouped network (osteo.grouped.grouped_twins_forward); images/s counts the
                      slices of all N runs, so it compares with the one-twin rows: higher means
                      training a table's runs together would be faster than one after the other
+  N twins batched    (--twins N) N twin RUNS (seeds 0..N-1) as ``osteo grid --batch-runs N`` trains them
+                     (osteo.batched: one vmapped network, each run its own weights, batch-norm
+                     statistics and Adam), against the same N runs' steps one after the other with
+                     the engine a separate run uses ("auto"); images/s counts all N runs' slices
   twin eval          TwinNet inference on HU batches (separate and grouped backbones)
   data path          HU (int16, on the device) -> the two normalised views
   loop check         (--loop-check) osteo.train on a smoke-sized run against a plain eager loop of
@@ -35,11 +39,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from .batched import _BatchedStep
 from .data import SliceData, SliceSet
 from .grouped import grouped_twins_forward
 from .losses import acm_penalty, twin_loss
 from .models import build_model, default_image_size
-from .training import Engine, TrainConfig, forward_heads, loss_terms, make_model, network_inputs, resolve_device, train
+from .training import (
+    Engine, TrainConfig, _start_run, forward_heads, loss_terms, make_model, network_inputs, resolve_device, train,
+)
 from .windowing import to_network_input
 
 CUDA_ENGINES = ("eager", "grouped+compile", "compile", "grouped", "grouped+graphs", "graphs")
@@ -153,6 +160,22 @@ def twins_train_step(dev, batch, size, n_twins: int, compile_: bool):
     return step
 
 
+def twin_runs_step(dev, batch, size, n_runs: int, batched: bool):
+    """``n_runs`` twin runs (seeds 0..N-1, each its own network and Adam) training on the same batch:
+    as one vmapped network (:mod:`osteo.batched`, what ``osteo grid --batch-runs N`` runs), or one
+    after the other, each with the engine a separate run uses (``"auto"``)."""
+    cfgs = [TrainConfig(image_size=size, batch_size=batch, pretrained=False, device=str(dev), seed=i)
+            for i in range(n_runs)]
+    runs = [_start_run(c, dev) for c in cfgs]
+    hu, y = _hu_batch(dev, batch, size)
+    amp = dev.type == "cuda"
+    if batched:
+        step = _BatchedStep(runs, amp)
+        return lambda: step([hu] * n_runs, [y] * n_runs)
+    runners = [r.engine.runner(r.model, r.cfg, r.opt, amp) for r in runs]
+    return lambda: [f(hu, y) for f in runners]
+
+
 def twin_eval_step(dev, batch, size, grouped: bool):
     cfg, model, _, hu, _ = _twin(dev, batch, size, "eager")
     model.eval()
@@ -252,6 +275,10 @@ def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, devic
     add("data path (HU -> 2 views)", data_step(dev, batch_size, image_size))
     # last: compiling ten backbones may take long, and a time limit should not cost the rows above
     if twins > 1:
+        add(f"{twins} twin runs one after the other [auto]", twin_runs_step(dev, batch_size, image_size, twins, False),
+            runs=twins)
+        add(f"{twins} twin runs batched [osteo.batched]", twin_runs_step(dev, batch_size, image_size, twins, True),
+            runs=twins)
         for comp in (False, True) if dev.type == "cuda" else (False,):
             add(f"{twins} twins as one network [grouped{'+compile' if comp else ''}]",
                 twins_train_step(dev, batch_size, image_size, twins, comp), comp, runs=twins)
@@ -277,6 +304,11 @@ def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, devic
         # ... and with the best engine's warm-up (compilation) added, as a real run pays it once
         "paper_run_60_epochs_with_warmup_seconds": 60 * 3600 / twin + twin_rows[best]["warmup_s"],
     }
+    if twins > 1:  # the same N runs, batched against one after the other, in this run
+        seq, bat = rows[f"{twins} twin runs one after the other [auto]"], rows[f"{twins} twin runs batched [osteo.batched]"]
+        report["batched_runs"] = {"runs": twins, "batched_over_sequential": bat["images_per_s"] / seq["images_per_s"],
+                                  "images_per_s_per_run_batched": bat["images_per_s"] / twins,
+                                  "images_per_s_per_run_sequential": seq["images_per_s"] / twins}
     if loop:
         print("  measuring the loop check ...", flush=True)
         report["loop_check"] = loop_check(dev)
@@ -298,6 +330,10 @@ def format_table(report: dict) -> str:
     lines.append(f"one paper-size epoch (3600 slices): {report['paper_epoch_seconds']:.1f} s; "
                  f"60 epochs: {report['paper_run_60_epochs_seconds']:.0f} s in steady state, "
                  f"{report['paper_run_60_epochs_with_warmup_seconds']:.0f} s with its warm-up/compilation")
+    if "batched_runs" in report:
+        br = report["batched_runs"]
+        lines.append(f"{br['runs']} twin runs batched / one after the other: {br['batched_over_sequential']:.2f}x "
+                     f"({br['images_per_s_per_run_batched']:.1f} vs {br['images_per_s_per_run_sequential']:.1f} img/s per run)")
     if "loop_check" in report:
         lc = report["loop_check"]
         lines.append(f"loop check ({lc['train_slices']} slices, {lc['image_size']} px, batch {lc['batch_size']}, "

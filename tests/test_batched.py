@@ -115,6 +115,33 @@ def test_killed_batched_run_resumes_to_the_same_end(tiny, float64, tmp_path):
     assert [r.history for r in again] == [r.history for r in got]
 
 
+def test_members_in_different_states_train_together(tiny, float64, tmp_path, monkeypatch):
+    """One member finished, one killed after its first epoch, one new: the finished one is not
+    trained again, the killed one waits for the others to reach its epoch, and both end with the
+    results of their separate runs."""
+    done, cut, new = (TrainConfig(**BASE, seed=s, lam=0.1 * s) for s in (1, 2, 3))
+    dirs = [tmp_path / n for n in ("done", "cut", "new")]
+    first = osteo.train(done, tiny, dirs[0], progress=False)
+    with pytest.raises(TrainingInterrupted):
+        osteo.train(cut, tiny, dirs[1], progress=False, checkpoint_every_s=0, stop_after_steps=4)
+    assert load_checkpoint(dirs[1] / "checkpoint.pt")["epoch"] == 1
+    calls = []
+    import osteo.batched as B
+    plain_epoch = B._batched_epoch
+
+    def spy(runs, epoch, *a, **k):
+        calls.append((epoch, [r.cfg.seed for r in runs]))
+        return plain_epoch(runs, epoch, *a, **k)
+
+    monkeypatch.setattr(B, "_batched_epoch", spy)
+    got = train_batched([done, cut, new], tiny, dirs, progress=False, checkpoint_every_s=0)
+    assert calls == [(0, [3]), (1, [2, 3])]  # the finished run is not trained, the killed one waits
+    assert got[0].history == first.history and got[0].predictions == first.predictions
+    for i, cfg in ((1, cut), (2, new)):
+        ref = osteo.train(cfg, tiny, tmp_path / f"separate{i}", progress=False)
+        _assert_same_result(ref.__dict__, got[i].__dict__)
+
+
 def test_members_must_share_the_batch_keys():
     a = TrainConfig(**BASE, seed=1)
     assert batch_key(a) == batch_key(TrainConfig(**BASE, seed=2, lam=0.5, lr=1e-2))

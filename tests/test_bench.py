@@ -16,6 +16,11 @@ def test_bench_runs_and_its_ratios_are_consistent(tmp_path, capsys):
         assert r["images_per_s"] > 0 and abs(r["ratio_to_anchor"] - r["images_per_s"] / anchor) < 1e-9
     two = rep["rows"]["2 twins as one network [grouped]"]  # counts the slices of both runs
     assert abs(two["images_per_s"] - 2 * 4 / two["seconds_per_step"]) < 1e-6
+    seq, bat = rep["rows"]["2 twin runs one after the other [auto]"], rep["rows"]["2 twin runs batched [osteo.batched]"]
+    br = rep["batched_runs"]
+    assert br["runs"] == 2 and abs(br["batched_over_sequential"] - bat["images_per_s"] / seq["images_per_s"]) < 1e-9
+    assert abs(br["images_per_s_per_run_batched"] - bat["images_per_s"] / 2) < 1e-9
+    assert abs(seq["images_per_s"] - 2 * 4 / seq["seconds_per_step"]) < 1e-6
     best = rep["rows"][f"twin train [{rep['best_twin_engine']}]"]["images_per_s"]
     assert best == max(rep["rows"][f"twin train [{e}]"]["images_per_s"] for e in ("eager", "grouped"))
     assert abs(rep["paper_epoch_seconds"] - 3600 / best) < 1e-6
@@ -23,7 +28,7 @@ def test_bench_runs_and_its_ratios_are_consistent(tmp_path, capsys):
     assert abs(rep["paper_run_60_epochs_with_warmup_seconds"] - (60 * 3600 / best + warm)) < 1e-6
     assert rep["device"].startswith("cpu") and rep["torch"] and rep["batch_size"] == 4
     out = capsys.readouterr().out
-    assert "twin train [grouped]" in out and "60 epochs" in out
+    assert "twin train [grouped]" in out and "60 epochs" in out and "2 twin runs batched / one after the other" in out
 
 
 def test_cli_passes_options_to_bench(monkeypatch):
