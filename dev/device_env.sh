@@ -1,4 +1,4 @@
-# Sourced by the dev/gpu_*.sh scripts on the lent GPU machine: installs the carried wheels of
+# Sourced by the dev/gpu_*.sh scripts on the GPU machine: installs the carried wheels of
 # dev/device_wheels.sh (if .whl/ is there) into /tmp/site and puts them and this checkout on PYTHONPATH.
 mkdir -p "$OUT"
 if [ -d .whl ]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels that the lent GPU machine lacks (it has torch, torchvision, timm, pandas, matplotlib, tqdm,
+# Wheels that the GPU machine lacks (it has torch, torchvision, timm, pandas, matplotlib, tqdm,
 # pytest, ... but not pydicom or the notebook stack), for Python 3.12 on x86-64, into .whl/ (ignored
 # by git; name it in the device tool's `carry`). dev/gpu_checks.sh and dev/gpu_paper.sh install
 # them with pip --target when .whl/ exists. Run from the repository root on a machine with pip access.

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs of the `paper` profile on a lent GPU, in parts that each fit one 10-minute command (issue 3).
-#   TABLES="table2 table3" SEEDS=0 WORKERS=3 T_TRAIN=470 bash dev/gpu_paper.sh OUT_DIR
+# Runs of the `paper` profile on a GPU machine reached by 10-minute commands, in parts that each fit one.
+#   TABLES="table2 table3" SEEDS=0 WORKERS=3 T_TRAIN=470 [BATCH_RUNS=4] bash dev/gpu_paper.sh OUT_DIR
 # The result.json files under results/paper/runs/ are tracked by git, so they travel with every call
 # and their runs come from the cache: each part continues the last. Do NOT carry results/paper/runs:
 # a carried path replaces the device's copy, and with it the checkpoints of unfinished runs.
+# BATCH_RUNS=N trains up to N runs of one network at once as one batched network (osteo grid --batch-runs N).
 # WORKERS processes train side by side on the one GPU (osteo grid --worker I/N); a run a worker cannot
 # finish within T_TRAIN seconds keeps its last checkpoint (every 30 s) on the device, and the next
 # call resumes it while the machine is still warm (it goes back after 30 s idle); a fresh machine
@@ -38,7 +39,7 @@ PY
 wait
 for i in $(seq 1 "$WORKERS"); do
   timeout "$T_TRAIN" python3 -m osteo.cli grid --profile paper --tables $TABLES --seeds $SEEDS \
-    --worker "$i/$WORKERS" --no-progress > "$OUT/worker$i.log" 2>&1 &
+    --worker "$i/$WORKERS" ${BATCH_RUNS:+--batch-runs $BATCH_RUNS} --no-progress > "$OUT/worker$i.log" 2>&1 &
 done
 wait
 python3 -m osteo.cli grid --profile paper --tables $TABLES --seeds $SEEDS --only-cached --no-progress 2>&1 | tee "$OUT/grid.log"

@@ -115,3 +115,31 @@ def test_compiled_engine_float32_loss_curve_on_cuda():
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
     assert curves["grouped+compile"] == pytest.approx(curves["eager"], rel=2e-3)
+
+
+def test_batched_runs_on_cuda_take_each_runs_own_first_step(separable):
+    """Four twin runs as one vmapped network on the GPU (what ``osteo grid --batch-runs 4`` trains):
+    the first step's loss terms of every member equal its own plain step's. float32 without TF32,
+    so only the order of summation differs: on the CPU that is <= 7e-7 relative (tests/test_engines.py);
+    the tolerance 1e-4 leaves the GPU's other kernels a 100x margin."""
+    import copy
+
+    from osteo.batched import _BatchedStep
+    from osteo.training import _start_run, train_step
+
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cfgs = [TrainConfig(image_size=64, batch_size=16, pretrained=False, device="cuda", seed=s, lam=0.1 * s)
+                for s in range(4)]
+        runs = [_start_run(c, torch.device("cuda")) for c in cfgs]
+        refs = [copy.deepcopy(r.model) for r in runs]
+        hu, y = separable.train.hu[:16].cuda(), separable.train.y[:16].cuda()
+        _, terms = _BatchedStep(runs, amp=False)([hu] * 4, [y] * 4)
+        for ref, cfg, got in zip(refs, cfgs, terms):
+            ref.train()
+            _, want = train_step(ref, cfg, torch.optim.Adam(ref.parameters(), lr=cfg.lr), hu, y, amp=False)
+            for k in want:
+                assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-4, abs=1e-6), k
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
