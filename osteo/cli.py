@@ -438,7 +438,8 @@ def main(argv=None) -> int:
     except Exception as e:
         if debug or not isinstance(e, _user_error_types()):
             raise
-        print(f"osteo: error: {_message(e)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun every process meets the error: one says it
+            print(f"osteo: error: {_message(e)}", file=sys.stderr)
         return 2
 
 

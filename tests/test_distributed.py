@@ -156,3 +156,12 @@ def test_osteo_train_under_torchrun(tmp_path):
     res = json.loads((tmp_path / "run" / "result.json").read_text())
     assert res["engine"] == "eager, 2 processes" and len(res["history"]) == 2
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
+
+
+def test_a_user_error_under_torchrun_is_one_line(tmp_path):
+    proc = _torchrun(["-m", "osteo", "train", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "run"),
+                      "--device", "cpu"], tmp_path)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("osteo: error:")]
+    assert len(lines) == 1 and "missing.csv" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr.split("osteo: error:")[0]  # none of ours before the message
