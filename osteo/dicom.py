@@ -7,8 +7,10 @@ care below, all of it ours:
   enhanced CT the rescale comes from the per-frame, else the shared, functional groups
   (PixelValueTransformationSequence). A rescale tag that is present must hold exactly one finite
   decimal number written as DICOM writes it (``-1024``, ``0.5``, ``1e3``): a value with a letter,
-  a decimal comma, two values, NaN/inf or nothing at all is refused, never replaced by a default,
-  and so is a slope of 0.
+  a decimal comma, two values, NaN/inf, a tab or non-ASCII digit, or nothing at all is refused,
+  never replaced by a default. So is a slope of 0 or below, a slope too small for the stored values
+  to span air to bone (1000 HU), a rescale that gives values beyond +-100000, and a RescaleType
+  other than HU or US (unspecified): OD, MGML, ED, ... are not Hounsfield units.
 * A missing rescale tag is taken as its identity value (slope 1, intercept 0) only when the HU
   that this gives look like HU: the lowest value that is not padding lies in [-1100, 0) (every
   body slice holds fat or air below 0 HU; data stored unsigned from 0, which need an intercept of
@@ -16,7 +18,8 @@ care below, all of it ours:
   else is refused and the message says which tag to add. ``meta["rescale_source"]`` says what was
   assumed.
 * Before anything is allocated, every length field is checked against the file's size: a header
-  declaring an element longer than the whole file is refused as damaged (no 4 GB allocation).
+  declaring an element longer than the whole file is refused as damaged (no 4 GB allocation), and
+  so is a sequence item longer than what remains of the file (or of its sequence).
 * PixelPaddingValue (and PixelPaddingRangeLimit) are compared with the *stored* values, before
   the rescale; those pixels become -1024 HU (air) and are counted in ``meta["padding_masked"]``.
 * Compressed transfer syntaxes decode through pydicom's decoders (JPEG 2000 via
@@ -40,11 +43,15 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.filereader
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder, pixel_array
@@ -120,9 +127,9 @@ class _Reader:
 class _LengthTooLarge(Exception):
     """An element length field larger than the whole file (raised before anything is allocated)."""
 
-    def __init__(self, asked: int, offset: int, size: int):
+    def __init__(self, asked: int, offset: int, size: int, what: str = "an element", left: int | None = None):
         super().__init__(asked, offset, size)
-        self.asked, self.offset, self.size = asked, offset, size
+        self.asked, self.offset, self.size, self.what, self.left = asked, offset, size, what, left
 
 
 class _BoundedFile:
@@ -159,15 +166,73 @@ class _BoundedFile:
         self.close()
 
 
+_checking = threading.local()  # set while osteo reads a file: sequence items are checked then
+
+
+def _checked_sequence_item(fp, is_implicit_VR, is_little_endian, encoding, offset=0):
+    """pydicom's ``read_sequence_item``, after checking the item's length field against the bytes
+    left (in the file, or in the sequence's own value): a damaged item length is refused, not read
+    as if the rest of the file belonged to the item. Only while osteo reads (:func:`_dcmread`)."""
+    if getattr(_checking, "size", None) is not None:
+        start = fp.tell()
+        head = fp.read(8)
+        end = fp.seek(0, 2)
+        fp.seek(start)
+        if len(head) == 8:
+            group, elem, length = struct.unpack("<HHL" if is_little_endian else ">HHL", head)
+            if (group, elem) == (0xFFFE, 0xE000) and length != 0xFFFFFFFF and length > end - start - 8:
+                raise _LengthTooLarge(length, start + offset, _checking.size, what="a sequence item",
+                                      left=end - start - 8)
+    return _read_sequence_item(fp, is_implicit_VR, is_little_endian, encoding, offset)
+
+
+_read_sequence_item = pydicom.filereader.read_sequence_item
+pydicom.filereader.read_sequence_item = _checked_sequence_item
+
+
+def _parse_sequences(ds, depth: int = 0) -> None:
+    """Parse every sequence now (pydicom parses a sequence of defined length only when it is first
+    used), so that :func:`_checked_sequence_item` sees each item's length field. A sequence that
+    fails to parse for another reason is left as it was: osteo reads only the tags it needs."""
+    if depth > 16:
+        return
+    for tag in list(ds.keys()):
+        try:
+            vr = ds.get_item(tag).VR or pydicom.datadict.dictionary_VR(tag)
+        except Exception:
+            continue
+        if vr != "SQ":
+            continue
+        try:
+            items = ds[tag].value
+        except _LengthTooLarge:
+            raise
+        except Exception:
+            continue
+        for item in items or []:
+            _parse_sequences(item, depth + 1)
+
+
 def _dcmread(path: Path, r: _Reader, **kw):
     """``pydicom.dcmread`` through :class:`_BoundedFile`; a too-large length is a DicomError."""
     try:
         with _BoundedFile(path) as fh:
-            return pydicom.dcmread(fh, **kw)
+            _checking.size = fh.size
+            try:
+                ds = pydicom.dcmread(fh, **kw)
+                _parse_sequences(ds)
+                return ds
+            finally:
+                _checking.size = None
     except _LengthTooLarge as e:
+        if e.what == "an element":
+            raise r.error(
+                f"damaged header: an element at byte {e.offset} declares a length of {e.asked} bytes, "
+                f"more than the whole file ({e.size} bytes); refused before reading it"
+            ) from None
         raise r.error(
-            f"damaged header: an element at byte {e.offset} declares a length of {e.asked} bytes, "
-            f"more than the whole file ({e.size} bytes); refused before reading it"
+            f"damaged header: {e.what} at byte {e.offset} declares a length of {e.asked} bytes, more than the "
+            f"{e.left} bytes that remain for it (the whole file has {e.size} bytes); refused before reading it"
         ) from None
 
 
@@ -271,6 +336,14 @@ def _rescale_elem(ds, frame: int, keyword: str, r: _Reader):
     item = _fg_item(ds, frame, "PixelValueTransformationSequence")
     for where, holder in (("functional groups", item), ("tags", ds)):
         if holder is not None and keyword in holder:
+            raw = holder.get_item(keyword)
+            if isinstance(raw, RawDataElement) and raw.VR in (None, "DS", "UN") and isinstance(raw.value, bytes):
+                # the bytes as stored: pydicom's conversion strips tabs and other blanks and
+                # accepts what Python's float() accepts; the rules here are DICOM's
+                try:
+                    return True, raw.value.decode("ascii"), where
+                except UnicodeDecodeError:
+                    raise r.error(f"{keyword} {raw.value[:32]!r} is not a number (non-ASCII characters)") from None
             try:
                 return True, holder[keyword].value, where
             except Exception as e:  # pydicom could not convert the stored bytes
@@ -279,17 +352,21 @@ def _rescale_elem(ds, frame: int, keyword: str, r: _Reader):
 
 
 # A DICOM decimal string (PS3.5 6.2, DS): optional sign, digits with an optional point, optional
-# exponent; blanks around it are allowed. No decimal comma, no "_", no nan/inf words.
-_DS_RE = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+# exponent; spaces around it (and NUL padding after it) are allowed. ASCII digits only: no decimal
+# comma, no "_", no nan/inf words, no tabs or other blanks, no digits of other scripts (Python's
+# float() takes all of these).
+_DS_RE = re.compile(r" *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *\x00*")
 
 
 def _rescale_number(value, keyword: str, r: _Reader) -> float:
     """The one finite number a present rescale tag must hold; anything else is a DicomError that
     names the tag and shows its value (never replaced by a default)."""
-    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+    if value is None or (isinstance(value, (str, bytes)) and not value.strip(" \x00" if isinstance(value, str) else b" \x00")):
         raise r.error(f"{keyword} is present but empty: expected one number")
+    if isinstance(value, str) and "\\" in value:  # the stored bytes of a multi-valued DS
+        value = value.split("\\")
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        shown = "\\".join(str(v) for v in value)
+        shown = "\\".join(str(v).strip(" \x00") for v in value)
         raise r.error(f"{keyword} holds {len(value)} values ({shown!r}): expected one number")
     if isinstance(value, bytes):
         try:
@@ -301,14 +378,17 @@ def _rescale_number(value, keyword: str, r: _Reader) -> float:
     else:
         text = str(value)
     if isinstance(value, str) or getattr(value, "original_string", None) is not None:
-        if not _DS_RE.match(text):
+        if not _DS_RE.fullmatch(text):
             hint = " (a decimal comma? DICOM writes a point)" if re.fullmatch(r"\s*[+-]?\d+,\d+\s*", text) else ""
-            raise r.error(f"{keyword} {text.strip()!r} is not a number{hint}")
-    number = float(text) if isinstance(value, str) else float(value)
+            raise r.error(f"{keyword} {text.strip(' ')!r} is not a number{hint}")
+    number = float(text.strip(" \x00")) if isinstance(value, str) else float(value)
     if not np.isfinite(number):
         raise r.error(f"{keyword} {text.strip()!r} is not a finite number")
     if keyword == "RescaleSlope" and number == 0:
         raise r.error("RescaleSlope is 0: every pixel would get the same HU")
+    if keyword == "RescaleSlope" and number < 0:
+        raise r.error(f"RescaleSlope {text.strip(' ')} is negative: bone would come out darker than air "
+                      "(a CT slope is positive)")
     return number
 
 
@@ -519,8 +599,9 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
     n_pad = int(pad.sum()) if pad is not None else 0
 
     slope, icpt, rescale_source = _rescale(ds, idx, stored, pad, r)
-    rtype, _ = _attr(ds, idx, "PixelValueTransformationSequence", "RescaleType")
+    rtype = _rescale_type(ds, idx, r)
     hu = stored.astype(np.float64) * slope + icpt
+    _check_hu_range(ds, hu, pad, slope, icpt, stored, r)
     if pad is not None:
         hu[pad] = _AIR_HU
     hu = hu.astype(np.float32)
@@ -550,7 +631,7 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
         "rescale_slope": float(slope),
         "rescale_intercept": float(icpt),
         "rescale_source": rescale_source,
-        "rescale_type": str(rtype) if rtype is not None else None,
+        "rescale_type": rtype,
         "file_meta": file_meta_note,
         "sop_class": CT_SOP_CLASSES.get(sop, sop or None),
         "frames": n_frames,
@@ -559,6 +640,46 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
         "tilt_deg": tilt,
     }
     return hu, meta
+
+
+#: RescaleType values that mean Hounsfield units ("US", unspecified, is what many CT writers put).
+_HU_RESCALE_TYPES = ("HU", "US")
+
+#: No CT value lies this far from 0 (extended-scale CT reaches a few tens of thousands of HU).
+_MAX_ABS_HU = 100_000.0
+
+#: Air to cortical bone: the least span of HU a CT's stored values must be able to cover.
+_MIN_HU_SPAN = 1000.0
+
+
+def _rescale_type(ds, idx: int, r: _Reader):
+    """RescaleType (None if absent): HU or US (unspecified) are taken as HU; any other unit (OD,
+    MGML, ED, Z_EFF, HU_MOD, ...) is refused, since the pixels are then not Hounsfield units."""
+    rtype, _ = _attr(ds, idx, "PixelValueTransformationSequence", "RescaleType")
+    if rtype is None:
+        return None
+    text = str(rtype).strip()
+    if text.upper() not in _HU_RESCALE_TYPES + ("",):
+        raise r.error(f"RescaleType {text!r}: the rescaled values are not Hounsfield units "
+                      f"(expected {' or '.join(_HU_RESCALE_TYPES)}); osteo reads CT in HU")
+    return text
+
+
+def _check_hu_range(ds, hu: np.ndarray, pad, slope: float, icpt: float, stored: np.ndarray, r: _Reader) -> None:
+    """Refuse a rescale that cannot give CT values: HU beyond +-100000 (or beyond float range), or a
+    slope so small that the stored values could never span air to bone (1000 HU)."""
+    bits = int(_float_or_none(ds.get("BitsStored")) or stored.dtype.itemsize * 8)
+    reach = slope * (2.0 ** max(1, min(bits, 32)) - 1)
+    if reach < _MIN_HU_SPAN:
+        raise r.error(f"RescaleSlope {slope:g}: the {bits}-bit stored values can span at most {reach:.3g} HU, "
+                      f"less than the {_MIN_HU_SPAN:g} HU from air to bone; the rescale is damaged")
+    values = hu[~pad] if pad is not None else hu
+    if values.size == 0:
+        return
+    lo, hi = float(values.min()), float(values.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)) or max(abs(lo), abs(hi)) > _MAX_ABS_HU:
+        raise r.error(f"RescaleSlope {slope:g} and RescaleIntercept {icpt:g} give values from {lo:.6g} to {hi:.6g}, "
+                      f"not HU (CT values lie within +-{_MAX_ABS_HU:g}); the rescale is damaged")
 
 
 def _rescale(ds, idx: int, stored: np.ndarray, pad, r: _Reader):

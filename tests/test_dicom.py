@@ -601,3 +601,116 @@ def test_jpeg_lossless_real_ct_slice_decodes_with_the_default_install():
 
     assert get_decoder(JPEGLosslessSV1).is_available
     assert "pylibjpeg" in get_decoder(JPEGLosslessSV1).available_plugins or "gdcm" in get_decoder(JPEGLosslessSV1).available_plugins
+
+
+# --- every malformed decimal string, odd units and impossible rescales ------------------------------
+
+MORE_BAD_NUMBERS = [
+    (b"\t-1024", "not a number"),  # a tab is not a DICOM blank (pydicom would strip it)
+    (b"-1024\n", "not a number"),
+    (b"1 2", "not a number"),
+    (b"1e", "not a number"),
+    (b"e5", "not a number"),
+    (b".", "not a number"),
+    (b"+", "not a number"),
+    (b"1d3", "not a number"),
+    (b"-inf", "not a number"),
+    (b"1e400", "not a finite number"),
+    (b"-1e400", "not a finite number"),
+    ("\u0661\u0662".encode(), "non-ASCII"),  # Arabic-Indic digits: float() reads them as 12
+    ("\uff11".encode(), "non-ASCII"),  # a full-width 1
+    (b"1\xa0", "non-ASCII"),  # a no-break space after the number
+    (b"\\3", "holds 2 values"),
+]
+
+
+@pytest.mark.parametrize("keyword", ["RescaleIntercept", "RescaleSlope"])
+@pytest.mark.parametrize("raw,why", MORE_BAD_NUMBERS, ids=[repr(b) for b, _ in MORE_BAD_NUMBERS])
+def test_more_malformed_decimal_strings_are_refused(tmp_path, keyword, raw, why):
+    expect_error(write_raw_value(make_ct(slope=1.0, intercept=-1024.0), tmp_path / "bad.dcm", keyword, raw),
+                 keyword, why)
+
+
+def test_spaces_and_nul_padding_around_a_number_are_allowed(tmp_path):
+    for raw in (b" -1024", b"-1024 ", b"-1024\x00"):
+        hu, meta = read_hu(write_raw_value(make_ct(slope=1.0, intercept=0.0), tmp_path / "ok.dcm", "RescaleIntercept", raw))
+        assert meta["rescale_intercept"] == -1024.0
+
+
+@pytest.mark.parametrize("raw", [b"-1", b"-0.5", b"-1e-3"])
+def test_negative_slope_is_refused(tmp_path, raw):
+    expect_error(write_raw_value(make_ct(), tmp_path / "neg.dcm", "RescaleSlope", raw), "RescaleSlope", "is negative")
+
+
+@pytest.mark.parametrize("raw", [b"1e-320", b"1e-9", b"0.01"])
+def test_slope_too_small_to_span_air_to_bone_is_refused(tmp_path, raw):
+    # 16-bit stored values: even 0.01 * 65535 = 655 HU cannot reach from air to bone
+    expect_error(write_raw_value(make_ct(), tmp_path / "tiny.dcm", "RescaleSlope", raw), "16-bit stored values can span",
+                 "air to bone")
+
+
+@pytest.mark.parametrize("keyword,raw", [("RescaleIntercept", b"1e308"), ("RescaleSlope", b"1e300"),
+                                         ("RescaleIntercept", b"-200000"), ("RescaleSlope", b"1e6")])
+def test_rescale_giving_values_no_ct_holds_is_refused(tmp_path, keyword, raw):
+    msg = expect_error(write_raw_value(make_ct(slope=1.0, intercept=-1024.0), tmp_path / "far.dcm", keyword, raw),
+                       "not HU")
+    assert "inf" not in msg.split("give values")[0]
+
+
+@pytest.mark.parametrize("rtype", ["OD", "MGML", "ED", "Z_EFF", "HU_MOD", "PCT"])
+def test_rescale_type_other_than_hu_is_refused(tmp_path, rtype):
+    expect_error(save(make_ct(RescaleType=rtype), tmp_path / "unit.dcm"), f"RescaleType '{rtype}'", "not Hounsfield units")
+
+
+@pytest.mark.parametrize("rtype", ["HU", "US", "hu", ""])
+def test_rescale_type_hu_or_unspecified_is_read(tmp_path, rtype):
+    hu, meta = read_hu(save(make_ct(RescaleType=rtype), tmp_path / "hu.dcm"))
+    np.testing.assert_array_equal(hu, RAW.astype(np.float32))
+    assert meta["rescale_type"] == rtype
+
+
+def test_rescale_type_in_functional_groups_is_checked_too(tmp_path):
+    ds = _enhanced([RAW], shared_rescale=(1.0, -1024.0))
+    ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleType = "MGML"
+    expect_error(save(ds, tmp_path / "enh.dcm"), "RescaleType 'MGML'")
+
+
+def _with_sequence(undefined: bool) -> Dataset:
+    ds = make_ct()
+    item = Dataset()
+    item.CodeValue = "ABCDEFGH"
+    item.CodeMeaning = "a code meaning"
+    ds.ProcedureCodeSequence = Sequence([item])
+    if undefined:
+        ds["ProcedureCodeSequence"].is_undefined_length = True
+        item.is_undefined_length_sequence_item = True
+    return ds
+
+
+@pytest.mark.parametrize("length", [0xFFFFFFF0, 0x7FFFFFFF, 50_000_000])
+@pytest.mark.parametrize("where", ["sequence", "item of a defined-length sequence", "item of an undefined-length sequence"])
+def test_sequence_and_item_lengths_larger_than_the_file_refused_before_allocating(tmp_path, where, length):
+    path = tmp_path / "seq.dcm"
+    save(_with_sequence(undefined=where.endswith("undefined-length sequence")), path)
+    if where == "sequence":
+        _set_length(path, b"\x08\x00\x32\x10SQ\x00\x00", "<I", length)
+    else:
+        _set_length(path, b"\xfe\xff\x00\xe0", "<I", length)
+    holder = {}
+
+    def read():
+        with pytest.raises(DicomError) as ei:
+            read_hu(path)
+        holder["msg"] = str(ei.value)
+
+    peak = _peak_alloc_mb(read)
+    msg = holder["msg"]
+    assert path.name in msg and "damaged header" in msg and f"declares a length of {length} bytes" in msg, msg
+    assert ("a sequence item" in msg) == (where != "sequence"), msg
+    assert peak < 20, f"{peak:.0f} MB allocated while refusing the file"
+
+
+@pytest.mark.parametrize("undefined", [False, True])
+def test_sequences_of_sound_files_still_read(tmp_path, undefined):
+    hu, _ = read_hu(save(_with_sequence(undefined), tmp_path / "ok.dcm"))
+    np.testing.assert_array_equal(hu, RAW.astype(np.float32))
