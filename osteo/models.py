@@ -319,7 +319,7 @@ def build_model(name: str, num_classes: int = 3, pretrained=False, image_size: i
     _check_name(name)
     _check_pretrained(pretrained)
     if image_size is not None and image_size < _MIN_SIZE.get(name, 1):
-        raise ValueError(f"osteo/models.py: {name} needs inputs of at least {_MIN_SIZE[name]} px, got image_size={image_size}")
+        raise ValueError(f"osteo/models.py: {name} needs inputs of at least {_MIN_SIZE.get(name, 1)} px, got image_size={image_size}")
     if name == "resnet18_acm":
         return resnet18_acm(num_classes, pretrained)
     if name == "resnet18":

@@ -475,6 +475,15 @@ def _load_problem(path: Path, e: Exception) -> str:
         return (f"not a loadable osteo checkpoint: it holds {what}, not only tensors and plain data; "
                 "refused without running anything from it")
     if head.startswith(b"PK"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "not a loadable osteo checkpoint: damaged or truncated (its zip archive cannot be read)"
+        if not any(n.endswith("data.pkl") for n in names):
+            return "not a loadable osteo checkpoint: a zip archive, but not a PyTorch checkpoint (no data.pkl in it)"
         return "not a loadable osteo checkpoint: damaged or truncated (its zip archive cannot be read)"
     return "not a loadable osteo checkpoint: not a PyTorch checkpoint file"
 
@@ -486,6 +495,9 @@ def _config_problem(cfg: dict) -> str | None:
     unknown = sorted(str(k) for k in cfg if k not in fields)
     if bad_keys or unknown:
         return f"the stored config has unknown field(s) {', '.join(unknown)}; not made by this version of osteo-kit, or damaged"
+    lacking = [n for n in fields if n not in cfg and n not in ADDED_FIELDS]  # never filled in with defaults
+    if lacking:
+        return f"the stored config lacks field(s) {', '.join(lacking)}; the checkpoint is damaged"
     for name, value in cfg.items():
         default = fields[name].default
         if isinstance(default, bool):
@@ -509,6 +521,10 @@ def _article(word: str) -> str:
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
+#: The input sizes a stored config may name (a slice is resized to image_size x image_size).
+_MIN_IMAGE_SIZE, _MAX_IMAGE_SIZE = 16, 4096
+
+
 def checkpoint_config(state: dict, path) -> TrainConfig:
     """The TrainConfig of a loaded checkpoint, after every check a prediction relies on: known
     fields of the right types, a known model, the 3 classes of :data:`osteo.LABELS`, an epoch
@@ -527,10 +543,15 @@ def checkpoint_config(state: dict, path) -> TrainConfig:
     if k != len(LABELS):
         raise CheckpointError(f"{path}: trained for {k} classes; osteo predicts {len(LABELS)} "
                               f"({', '.join(LABELS)}): not a checkpoint for this task")
+    size = cfg["image_size"]
+    if not _MIN_IMAGE_SIZE <= size <= _MAX_IMAGE_SIZE:
+        raise CheckpointError(f"{path}: the stored image_size {size} is not an input size osteo uses "
+                              f"({_MIN_IMAGE_SIZE} to {_MAX_IMAGE_SIZE} pixels); the checkpoint is damaged")
     try:
         config = TrainConfig.from_dict({**cfg, "pretrained": False, "init": "independent"})
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: the stored config is invalid ({e})") from None
+        TrainConfig.from_dict(cfg)  # the stored values themselves, as load_model returns them
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: the stored config is invalid ({str(e).replace('TrainConfig.', '').replace('TrainConfig: ', '')})") from None
     if state["epoch"] > config.epochs:
         raise CheckpointError(f"{path}: the stored epoch {state['epoch']} exceeds the run's {config.epochs} epochs; "
                               "the checkpoint is damaged")
@@ -554,7 +575,14 @@ def load_model(path, device="cpu", allow_unfinished: bool = False) -> tuple[torc
             raise CheckpointError(f"{note}; finish it by running the same training again (it resumes), "
                                   "or allow unfinished checkpoints (osteo predict --allow-unfinished) to use it as it is")
         warnings.warn(f"{note}: its predictions are those of a partly trained network", UnfinishedRunWarning, stacklevel=2)
-    model = make_model(cfg)
+    try:
+        model = make_model(cfg)
+    except ValueError as e:  # the network's own checks of the stored options (input size, ...)
+        raise CheckpointError(f"{path}: the stored config cannot build a {cfg.model} network "
+                              f"({str(e).removeprefix('osteo/models.py: ')})") from None
+    misfit = _weights_misfit(model.state_dict(), state["model"])
+    if misfit:
+        raise CheckpointError(f"{path}: weights do not fit a {cfg.model} network with {cfg.num_classes} classes ({misfit})")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -564,6 +592,22 @@ def load_model(path, device="cpu", allow_unfinished: bool = False) -> tuple[torc
         raise CheckpointError(f"{path}: the weights hold NaN or infinite values ({bad[0]}{' and more' if len(bad) > 1 else ''})")
     cfg = TrainConfig.from_dict(state["config"])
     return model.to(device).eval(), cfg
+
+
+def _weights_misfit(expected: dict, stored: dict) -> str | None:
+    """What keeps ``stored`` weights from loading into a network whose own are ``expected`` (None if
+    nothing): the first tensor of another shape, then missing and unexpected names."""
+    for k, v in expected.items():
+        if k in stored and tuple(stored[k].shape) != tuple(v.shape):
+            return f"{k} has shape {list(stored[k].shape)}, the network needs {list(v.shape)}"
+    missing = [k for k in expected if k not in stored]
+    extra = [k for k in stored if k not in expected]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}")
+    return "; ".join(parts) or None
 
 
 class UnfinishedRunWarning(UserWarning):

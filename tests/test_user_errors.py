@@ -98,6 +98,18 @@ DAMAGED_CONFIGS = [
     ({**GOOD, "epochs": 0}, "epochs must be"),
     ({**GOOD, "learn_alpha": "yes"}, "field 'learn_alpha'"),
     ({**GOOD, "num_classes": "3"}, "field 'num_classes'"),
+    ({**GOOD, "num_classes": 3.0}, "field 'num_classes' is 3.0, not an int"),
+    ({}, "lacks field(s) model, inputs"),
+    ({k: v for k, v in GOOD.items() if k != "model"}, "lacks field(s) model;"),  # never the default twin
+    ({k: v for k, v in GOOD.items() if k != "epochs"}, "lacks field(s) epochs;"),
+    ({**GOOD, "image_size": 0}, "image_size 0 is not an input size"),
+    ({**GOOD, "image_size": -32}, "image_size -32 is not an input size"),
+    ({**GOOD, "image_size": 10**9}, "image_size 1000000000 is not an input size"),  # no 4 EB allocation
+    ({**GOOD, "augment": True}, "augmentation is not implemented"),
+    ({**GOOD, "pretrained": "yes"}, "pretrained must be True, False or 'auto'"),
+    ({**GOOD, "engine": "warp"}, "engine 'warp'"),
+    ({**GOOD, "window_bits": 7}, "window_bits must be"),
+    ({**GOOD, "device": 3}, "field 'device' is 3"),
 ]
 
 
@@ -116,6 +128,61 @@ def test_damaged_stored_config_is_refused_naming_the_file(tmp_path, capsys, slic
 def test_damaged_epoch_is_refused(tmp_path, epoch, why):
     with pytest.raises(CheckpointError, match=why):
         load_model(make_checkpoint(tmp_path / "e.pt", epoch=epoch))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_weights_of_another_shape_name_the_tensor(tmp_path, capsys, slices, k):
+    other = make_model(TrainConfig(model="resnet18", inputs=("t",), num_classes=k, pretrained=False)).state_dict()
+    ck = make_checkpoint(tmp_path / "shape.pt", weights=other)
+    rc, out, err = run_cli(capsys, "predict", ck, slices[0], "--out", tmp_path / "p.csv")
+    assert_one_line_error(rc, err, ck, f"fc.weight has shape [{k}, 512], the network needs [3, 512]")
+
+
+def test_weights_of_another_network_name_what_is_missing(tmp_path, capsys, slices):
+    resnet = make_model(TrainConfig(model="resnet18", inputs=("t",), pretrained=False)).state_dict()
+    ck = make_checkpoint(tmp_path / "other.pt", model="twin", weights=resnet)
+    rc, out, err = run_cli(capsys, "predict", ck, slices[0], "--out", tmp_path / "p.csv")
+    assert_one_line_error(rc, err, ck, "weights do not fit a twin network", "missing, e.g. alpha", "unexpected tensor(s)")
+    ck = make_checkpoint(tmp_path / "empty.pt", weights={})
+    rc, out, err = run_cli(capsys, "predict", ck, slices[0], "--out", tmp_path / "p.csv")
+    assert_one_line_error(rc, err, ck, "122 tensor(s) missing")
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("plain tensor", "not an osteo checkpoint"), ("list", "not an osteo checkpoint"),
+    ("state_dict alone", "not an osteo checkpoint"), ("dict without config", "lacks 'config'"),
+    ("zero bytes", "not a PyTorch checkpoint file"), ("half a checkpoint", "damaged or truncated"),
+    ("first 100 bytes", "damaged or truncated"), ("zip of text", "a zip archive, but not a PyTorch checkpoint"),
+    ("legacy torch format", "not an osteo checkpoint"), ("text", "not a PyTorch checkpoint file"),
+])
+def test_other_shapes_of_checkpoint_file_give_one_line(tmp_path, capsys, slices, kind, why):
+    import zipfile
+
+    ck = tmp_path / "c.pt"
+    sd = make_model(TrainConfig(model="resnet18", inputs=("t",), pretrained=False)).state_dict()
+    if kind == "plain tensor":
+        torch.save(torch.zeros(3), ck)
+    elif kind == "list":
+        torch.save([1, 2, 3], ck)
+    elif kind == "state_dict alone":
+        torch.save(sd, ck)
+    elif kind == "dict without config":
+        torch.save({"format": CHECKPOINT_FORMAT, "model": sd, "epoch": 1}, ck)
+    elif kind == "zero bytes":
+        ck.write_bytes(b"")
+    elif kind in ("half a checkpoint", "first 100 bytes"):
+        data = make_checkpoint(tmp_path / "good.pt").read_bytes()
+        ck.write_bytes(data[: len(data) // 2] if kind == "half a checkpoint" else data[:100])
+    elif kind == "zip of text":
+        with zipfile.ZipFile(ck, "w") as z:
+            z.writestr("notes.txt", "hello")
+    elif kind == "legacy torch format":
+        torch.save({"a": torch.zeros(2)}, ck, _use_new_zipfile_serialization=False)
+    else:
+        ck.write_text("epoch 3, accuracy 0.9\n")
+    rc, out, err = run_cli(capsys, "predict", ck, slices[0], "--out", tmp_path / "p.csv")
+    assert_one_line_error(rc, err, ck, why)
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_damaged_or_non_finite_weights_are_refused(tmp_path):
