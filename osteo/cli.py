@@ -42,6 +42,13 @@ class UserError(Exception):
     """A mistake in the command line or its input: shown as one ``osteo: error:`` line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a wrong option is a :class:`UserError` (one line, exit code 2), not usage text."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def _user_error_types() -> tuple:
     """The exceptions that report a user's mistake (each names its file), not a bug in osteo."""
     return (UserError, DicomError, ManifestError, CheckpointError, DeviceError, PredictError, WeightsError, OSError,
@@ -54,6 +61,9 @@ def _message(e: BaseException) -> str:
         text = f"{os.fsdecode(e.filename)}: {e.strerror[:1].lower()}{e.strerror[1:]}"
     else:
         text = str(e).strip() or type(e).__name__
+    # several problems (a manifest's, several unreadable slices) as one line, joined by "; "
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    text = lines[0].rstrip(":") + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "") if lines else text
     # the bytes of a non-UTF-8 file name as \xNN, so the message prints on any terminal
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
@@ -105,7 +115,12 @@ def _cmd_train(a) -> int:
     resolve_device(cfg.device)
     world = distributed.current_world()  # under torchrun: the processes train this run together
     say = print if world is None or world.main else (lambda *args, **kw: None)
-    data = load_data(a.manifest, image_size=cfg.image_size, seed=a.seed)
+    try:
+        data = load_data(a.manifest, image_size=cfg.image_size, seed=a.seed)
+    except ManifestError as e:  # a problem of the split (too few patients, ...) names the manifest
+        if str(e).startswith(str(a.manifest)):
+            raise
+        raise ManifestError(f"{a.manifest}: {str(e).removeprefix('split_patients: ')}") from None
     say(data.describe())
     try:
         res = train(cfg, data, out_dir=a.out)
@@ -404,7 +419,7 @@ def _add_weights(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="osteo", description="osteo-kit: reproduce Choi et al. 2021 (twin ResNet18+ACM).",
+    p = _Parser(prog="osteo", description="osteo-kit: reproduce Choi et al. 2021 (twin ResNet18+ACM).",
                                 epilog="--debug (anywhere): show the Python traceback of any error")
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_synth(sub)
@@ -426,7 +441,12 @@ def main(argv=None) -> int:
     argv = [x for x in argv if x != "--debug"]
     try:
         if argv[:1] == ["bench"]:  # argparse's REMAINDER drops options that come first; bench parses its own
-            bench.main(argv[1:])
+            try:
+                bench.main(argv[1:])
+            except ValueError as e:  # an option value the networks' config refuses (--batch-size 1, ...)
+                if not str(e).startswith("TrainConfig"):
+                    raise
+                raise UserError(f"bench: {str(e).replace('TrainConfig.', '--').replace('TrainConfig: ', '')}") from None
             return 0
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)

@@ -95,7 +95,25 @@ def load_manifest(path, check_files: bool = True, *, salt: str | None = None, ps
     return df.drop(columns=["_line"], errors="ignore").reset_index(drop=True)
 
 
+def _not_utf8(p: Path) -> str | None:
+    """Where a CSV is not UTF-8 text ("line N: ..."), or None if it all decodes."""
+    try:
+        data = p.read_bytes()
+    except OSError:
+        return None
+    for n, line in enumerate(data.split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return (f"line {n}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                    "save the manifest as UTF-8")
+    return None
+
+
 def _load_csv(p: Path, salt, pseudonymize_ids: bool) -> pd.DataFrame:
+    where = _not_utf8(p)
+    if where:
+        raise ManifestError(f"{p}: {where}")
     try:
         header = pd.read_csv(p, nrows=0)
     except Exception as e:

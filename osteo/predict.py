@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import _UMASK, AtomicFile  # noqa: F401  (_UMASK: the permissions a committed CSV gets)
+from .atomic import _UMASK, AtomicFile  # _UMASK: the permissions a committed CSV gets
 from .data import resize_hu
 from .dicom import DICOM_SUFFIXES, DicomError, iter_dicom_files, read_hu
 from .gradcam import grad_cam, overlay
@@ -89,8 +89,12 @@ class _CsvOut:
 
     def __init__(self, out_csv: Path):
         self.target = out_csv
-        out_csv.parent.mkdir(parents=True, exist_ok=True)
-        self.file = AtomicFile(out_csv, "w", newline="", encoding="utf-8")
+        try:
+            out_csv.parent.mkdir(parents=True, exist_ok=True)
+            self.file = AtomicFile(out_csv, "w", newline="", encoding="utf-8")
+        except OSError as e:  # a read-only folder, a full disk: before any prediction is made
+            why = (e.strerror or type(e).__name__).lower()
+            raise PredictError(f"{printable(out_csv)}: cannot be written ({why} in {printable(out_csv.parent)})") from None
         self.writer = csv.DictWriter(self.file.file, fieldnames=COLUMNS)
         self.writer.writeheader()
         self.n = 0
@@ -105,16 +109,32 @@ class _CsvOut:
         self.n += 1
 
     def commit(self) -> None:
-        self.file.commit()
+        """Put the CSV in place. If that fails (the folder turned read-only, the target became a
+        folder, the disk is full), the rows stay in the temporary file and the error says where."""
+        try:
+            f = self.file.file
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would have given
+            os.replace(self.tmp, self.target)
+        except OSError as e:
+            why = (e.strerror or type(e).__name__).lower()
+            kept = f"; the {self.n} rows are kept in {printable(self.tmp)}" if self.tmp.exists() else ""
+            raise PredictError(f"{printable(self.target)}: cannot be written ({why}){kept}") from None
 
     def keep_partial(self) -> Path | None:
-        """After an interruption: keep the rows so far as ``<stem>.partial.csv`` (None if no row)."""
+        """After an interruption: keep the rows so far as ``<stem>.partial.csv`` (None if no row);
+        if that name cannot be written, the rows stay in the temporary file, which is returned."""
         if self.n == 0:
             self.file.discard()
             return None
         self.file.file.close()
         partial = self.target.with_name(self.target.stem + ".partial.csv")
-        os.replace(self.file.tmp, partial)
+        try:
+            os.replace(self.file.tmp, partial)
+        except OSError:
+            return self.file.tmp
         return partial
 
 
@@ -158,7 +178,7 @@ def predict_files(checkpoint, paths, out_csv="predictions.csv", gradcam_dir=None
     out.commit()
     print(f"{n - failed} of {n} files predicted; {failed} failed; wrote {printable(out_csv)}")
     for msg in errors:
-        print(f"  {printable(msg)}", file=sys.stderr)
+        print(f"osteo: error: {printable(msg)}", file=sys.stderr)
     return 1 if failed else 0
 
 

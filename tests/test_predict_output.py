@@ -162,3 +162,83 @@ def test_empty_folder_alone_fails_naming_it(tmp_path, capsys, ck):
     assert osteo_main(["predict", str(ck), str(empty), "--out", str(out)]) == 1
     assert f"{empty}: folder holds no files" in capsys.readouterr().err
     assert [r["status"] for r in read_rows(out)] == ["error"]
+
+
+def test_failed_files_are_reported_as_error_lines_naming_them(tmp_path, capsys, ck):
+    good = slices(tmp_path / "in", 1)
+    missing, text = tmp_path / "gone.dcm", tmp_path / "notes.dcm"
+    text.write_text("not dicom")
+    rc = osteo_main(["predict", str(ck), *map(str, good), str(missing), str(text), "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("osteo:")]  # (the rest is the progress bar)
+    assert rc == 1 and "Traceback" not in err
+    assert len(lines) == 2 and lines[0] == f"osteo: error: {missing}: no such file", lines
+    assert lines[1].startswith(f"osteo: error: {text}: not a DICOM file")
+
+
+def test_unwritable_target_folder_fails_before_any_prediction(tmp_path, capsys, ck, monkeypatch):
+    files = slices(tmp_path / "in", 2)
+    out = tmp_path / "locked" / "p.csv"
+    out.parent.mkdir()
+    predicted = []
+    monkeypatch.setattr(P, "_predict_one", lambda *a, **k: predicted.append(a) or {})
+
+    def refuse(*a, **k):  # what mkstemp raises in a read-only folder (as root, chmod would not stop us)
+        raise PermissionError(13, "Permission denied", str(out.parent / ".p.csv.x.tmp"))
+
+    monkeypatch.setattr(P.AtomicFile.__init__.__globals__["tempfile"], "mkstemp", refuse)
+    rc = osteo_main(["predict", str(ck), *map(str, files), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and predicted == []
+    assert err == [f"osteo: error: {out}: cannot be written (permission denied in {out.parent})"]
+
+
+@pytest.mark.parametrize("how", ["read-only folder", "target became a folder", "disk full"])
+def test_a_csv_that_cannot_be_put_in_place_keeps_every_computed_row(tmp_path, capsys, ck, monkeypatch, how):
+    files = slices(tmp_path / "in", 3)
+    out = tmp_path / "p.csv"
+    if how == "target became a folder":
+        real_one = P._predict_one
+
+        def then_mkdir(*a, **k):
+            row = real_one(*a, **k)
+            out.mkdir(exist_ok=True)  # another program made a folder of that name meanwhile
+            return row
+
+        monkeypatch.setattr(P, "_predict_one", then_mkdir)
+    else:
+        err_no, text = (13, "Permission denied") if how == "read-only folder" else (28, "No space left on device")
+        real_replace = os.replace
+
+        def failing_replace(src, dst, *a, **k):
+            if Path(dst) == out:
+                raise OSError(err_no, text, str(src))
+            return real_replace(src, dst, *a, **k)
+
+        monkeypatch.setattr(P.os, "replace", failing_replace)
+    rc = osteo_main(["predict", str(ck), *map(str, files), "--out", str(out)])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("osteo:")]
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"osteo: error: {out}: cannot be written ("), err
+    kept = Path(err[0].split("the 3 rows are kept in ")[1])
+    assert kept.parent == tmp_path and kept.name.startswith(".p.csv.")
+    assert [r["file"] for r in read_rows(kept)] == [str(f) for f in files]
+
+
+def test_interrupted_run_whose_partial_name_cannot_be_written_keeps_the_rows(tmp_path, capsys, ck, monkeypatch):
+    files = slices(tmp_path / "in", 3)
+    out = tmp_path / "p.csv"
+    real = P.read_hu
+    calls = {"n": 0}
+
+    def flaky(path, *a, **k):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(path, *a, **k)
+
+    (tmp_path / "p.partial.csv").mkdir()  # the name for the partial rows is taken by a folder
+    monkeypatch.setattr(P, "read_hu", flaky)
+    assert osteo_main(["predict", str(ck), *map(str, files), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    kept = Path(err.split("the 2 rows computed so far are in ")[1].splitlines()[0])
+    assert kept.name.startswith(".p.csv.") and [r["file"] for r in read_rows(kept)] == [str(f) for f in files[:2]]

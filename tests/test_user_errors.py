@@ -322,3 +322,63 @@ def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "osteo.cli", "--debug", "predict", str(bad), str(tmp_path)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 1 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "m.csv", "--out", "r", "--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
+    (["train", "m.csv"], "required: --out"),
+    (["synth", "out", "--n-per-class", "x"], "argument --n-per-class"),
+    (["synth"], "required: out_dir"),
+    (["grid", "--tables", "table9"], "invalid choice: 'table9'"),
+    (["grid", "--seeds", "x"], "argument --seeds"),
+    (["reproduce", "--seeds", "1.5"], "argument --seeds"),
+    (["predict", "ck.pt"], "required: paths"),
+    (["weights", "frob"], "invalid choice: 'frob'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "required: cmd"),
+])
+def test_bad_option_values_give_one_line_not_usage_text(capsys, argv, needle):
+    rc, out, err = run_cli(capsys, *argv)
+    line = assert_one_line_error(rc, err, needle)
+    assert "usage:" not in err and line.endswith("--help`)")
+
+
+def test_bench_option_that_the_config_refuses_is_one_line(capsys):
+    rc, out, err = run_cli(capsys, "bench", "--batch-size", "1", "--steps", "1", "--twins", "0")
+    assert_one_line_error(rc, err, "bench: --batch_size must be an integer >= 2")
+
+
+def _manifest_case(tmp_path, slices, case):
+    m = tmp_path / "m.csv"
+    if case == "latin-1 file name":
+        m.write_bytes(b"path,label,patient_id\n" + "\u00e9t\u00e9.dcm".encode("latin-1") + b",normal,p1\n")
+        return m, "line 2: not UTF-8 text (byte 0xe9 at column 1)"
+    if case == "binary":
+        m.write_bytes(b"\xff\xfe\x00\x01garbage")
+        return m, "line 1: not UTF-8 text"
+    if case == "empty":
+        m.write_text("")
+        return m, "cannot be read as CSV"
+    if case == "too few patients":
+        m.write_text("path,label,patient_id\n" + "".join(f"{s},{lab},p{i}\n" for i, (s, lab) in
+                                                        enumerate(zip(slices, ("normal", "osteopenia", "osteoporosis")))))
+        return m, "problem(s): class normal: 1 patient, need at least 2"
+    if case == "unreadable slices":
+        bad = tmp_path / "bad.dcm"
+        bad.write_text("not dicom")
+        files = [bad] + [save(make_ct(RAW + i), tmp_path / f"ok{i}.dcm") for i in range(1, 6)]
+        rows = [f"{f},{lab},p{i}\n" for i, (f, lab) in enumerate(zip(files, ["normal", "osteopenia", "osteoporosis"] * 2))]
+        m.write_text("path,label,patient_id\n" + "".join(rows))
+        return m, "bad.dcm: not a DICOM file"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["latin-1 file name", "binary", "empty", "too few patients", "unreadable slices"])
+def test_train_on_a_bad_manifest_gives_one_line_naming_it(tmp_path, capsys, slices, case):
+    m, needle = _manifest_case(tmp_path, slices, case)
+    rc, out, err = run_cli(capsys, "train", m, "--out", tmp_path / "run", "--model", "resnet18", "--epochs", "1",
+                           "--batch-size", "2", "--image-size", "32", "--pretrained", "false", "--device", "cpu")
+    err = "\n".join(x for x in err.splitlines() if "reading DICOM" not in x and x.strip())  # the progress bar
+    line = assert_one_line_error(rc, err, needle)
+    assert str(m) in line or "bad.dcm" in line
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
