@@ -16,6 +16,8 @@ Every patient id read from a DICOM header is pseudonymised, except in files that
 that merely *looks* synthetic (a hospital id that happens to start with ``SYN``) or looks like one
 of our pseudonyms is pseudonymised like any other: the decision rests on what the generator writes
 into the file (Manufacturer, PatientName, PatientIdentityRemoved, UID root), never on the id alone.
+Result files follow the same rule: a ``SYN`` id from a CSV manifest is kept only when the manifest
+names a version of the generator (its ``synthetic_version`` column, which the generator writes).
 """
 from __future__ import annotations
 

@@ -413,10 +413,18 @@ def evaluate(model, cfg: TrainConfig, data: SliceSet, device=None, batch_size: i
     return metrics, {h: p.tolist() for h, p in preds.items()}
 
 
-def _pseudonymous(patient_id) -> str:
-    """A patient id fit for a result file: synthetic ids and pseudonyms as they are, anything else pseudonymised."""
+def _pseudonymous(patient_id, synthetic: bool = False) -> str:
+    """A patient id fit for a result file: pseudonyms as they are, ``SYN`` ids as they are only in
+    data the synthetic generator made (``synthetic``: its manifest names the generator's version),
+    anything else pseudonymised (a hospital id may start with SYN)."""
     pid = str(patient_id)
-    return pid if is_synthetic_id(pid) or is_pseudonym(pid) else pseudonymize(pid)
+    return pid if (synthetic and is_synthetic_id(pid)) or is_pseudonym(pid) else pseudonymize(pid)
+
+
+def _made_by_generator(data: SliceData) -> bool:
+    """True for data whose manifest names a version of the synthetic generator ("synthetic-N")."""
+    parts = str(getattr(data, "synthetic_version", "") or "").split("+")
+    return all(re.fullmatch(r"synthetic-\d+", v) for v in parts)
 
 
 def _versions() -> dict:
@@ -828,7 +836,7 @@ def _final_result(run: _Run, data: SliceData) -> TrainResult:
         seconds=run.seconds, engine=str(run.engine) + (f", {run.world.size} processes" if run.world else ""),
         data=data.describe(), versions=_versions(),
         synthetic_version=getattr(data, "synthetic_version", ""),
-        test_patient_id=[_pseudonymous(p) for p in data.test.patient_id],
+        test_patient_id=[_pseudonymous(p, _made_by_generator(data)) for p in data.test.patient_id],
         imagenet_weights=run.imagenet_weights, reported_epoch=reported_epoch,
     )
 

@@ -34,7 +34,9 @@ def test_single_network_trains(separable):
     assert res.history[-1]["loss_total"] < res.history[0]["loss_total"]
     assert "loss_acm" in res.history[0]
     # the result keeps each test slice's patient, aligned with y_true: intervals are over patients
-    assert res.test_patient_id == separable.test.patient_id and len(res.y_true) == len(res.test_patient_id)
+    # (the SYN ids of this in-memory set are pseudonymised: no generator's manifest vouches for them)
+    assert res.test_patient_id == [osteo.pseudonymize(p) for p in separable.test.patient_id]
+    assert len(res.y_true) == len(res.test_patient_id)
     acc, lo, hi = osteo.accuracy_ci(res.y_true, res.predictions["main"], res.test_patient_id)
     assert res.accuracy_ci95 == [lo, hi] and res.accuracy == pytest.approx(acc)
     assert res.test["main"]["n_patients"] == len(set(separable.test.patient_id)) and "patient" in res.test["main"]["interval"]
@@ -199,3 +201,29 @@ def test_a_single_training_slice_or_batch_of_one_is_refused_up_front(separable):
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
             small(epochs=bad)
+
+
+def test_syn_ids_of_data_no_generator_made_are_pseudonymised_in_results():
+    """A hospital id may start with SYN: in a result it is pseudonymised like any other id."""
+    from conftest import make_separable
+
+    data = make_separable(n_per_class=4)  # SYN ids, but no generator version: not vouched for
+    ids = ["SYN00042", "SYN7", "P-0123456789ab", "MRN-1"]
+    data.test.patient_id[: len(ids)] = ids
+    res = train(small(model="resnet18", inputs=("t",), epochs=1, batch_size=4), data, progress=False)
+    assert res.test_patient_id[: len(ids)] == [osteo.pseudonymize("SYN00042"), osteo.pseudonymize("SYN7"),
+                                               "P-0123456789ab", osteo.pseudonymize("MRN-1")]
+    assert not any(i.startswith("SYN") for i in res.test_patient_id)
+
+
+@pytest.mark.parametrize("version,kept", [("", False), ("synthetic-2", True), ("synthetic-1+synthetic-2", True),
+                                          ("hospital-export", False), ("synthetic-2+site-a", False)])
+def test_syn_ids_are_kept_only_when_the_manifest_names_a_generator_version(version, kept):
+    from conftest import make_separable
+
+    data = make_separable(n_per_class=2)
+    data.synthetic_version = version
+    synthetic = T._made_by_generator(data)
+    assert synthetic == kept
+    assert T._pseudonymous("SYN00042", synthetic) == ("SYN00042" if kept else osteo.pseudonymize("SYN00042"))
+    assert T._pseudonymous("MRN-1", synthetic) == osteo.pseudonymize("MRN-1")
