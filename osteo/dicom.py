@@ -59,7 +59,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from .privacy import dataset_identifiers, scrub
 
-__all__ = ["DicomError", "read_hu", "iter_dicom_files", "DICOM_SUFFIXES", "CT_SOP_CLASSES"]
+__all__ = ["DicomError", "read_hu", "read_header", "iter_dicom_files", "DICOM_SUFFIXES", "CT_SOP_CLASSES"]
 
 #: File suffixes that mark a DICOM candidate in a folder (besides no suffix and numeric suffixes,
 #: as in ``1.2.840.113619.2.55.3.123``).
@@ -234,6 +234,21 @@ def _dcmread(path: Path, r: _Reader, **kw):
             f"damaged header: {e.what} at byte {e.offset} declares a length of {e.asked} bytes, more than the "
             f"{e.left} bytes that remain for it (the whole file has {e.size} bytes); refused before reading it"
         ) from None
+
+
+def read_header(path, tags: list[str]):
+    """The dataset of ``path`` with only ``tags`` read (no pixel data), through the same length
+    checks as :func:`read_hu`: a damaged length field is a :class:`DicomError`, never an allocation.
+    Files without the DICM preamble are read as they come (``force=True``)."""
+    r = _Reader(str(path))
+    try:
+        return _dcmread(Path(path), r, stop_before_pixels=True, specific_tags=list(tags), force=True)
+    except DicomError:
+        raise
+    except PermissionError as e:
+        raise r.error("cannot be read (permission denied)") from e
+    except Exception as e:
+        raise r.error("not a readable DICOM file", e) from e
 
 
 def _open(path: Path, r: _Reader):

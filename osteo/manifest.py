@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 
-from .dicom import iter_dicom_files
+from .dicom import DicomError, iter_dicom_files, read_header
 from .privacy import SYNTHETIC_MARKER_TAGS, is_synthetic_dataset, pseudonymize
 
 __all__ = ["LABELS", "SPLITS", "ManifestError", "load_manifest", "split_patients", "split_slices", "check_split"]
@@ -178,9 +177,12 @@ def _load_folder(root: Path, salt) -> pd.DataFrame:
             problems.append(f"{d.as_posix()}: class folder with no DICOM files")
         for f in files:
             fp = Path(os.path.abspath(f)).as_posix()
-            try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=SYNTHETIC_MARKER_TAGS, force=True)
+            try:  # through the reader's length checks: a damaged length field allocates nothing
+                ds = read_header(f, SYNTHETIC_MARKER_TAGS)
                 raw = ds.get("PatientID")
+            except DicomError as e:
+                problems.append(f"{fp}: cannot read the DICOM header: {e.problem}")
+                continue
             except Exception as e:
                 problems.append(f"{fp}: cannot read the DICOM header ({type(e).__name__})")
                 continue

@@ -325,3 +325,31 @@ def test_a_file_with_only_some_synthetic_markers_is_pseudonymised(synthetic_set,
             write_ct(out / lab / f"{i}.dcm", f"HOSP-{i}")
     got = load_manifest(out, salt="pepper")["patient_id"].iloc[0]
     assert got == pseudonymize(str(ds.PatientID), "pepper")
+
+
+@pytest.mark.parametrize("length", [0xFFFFFFF0, 50_000_000])
+def test_class_folder_file_with_a_huge_length_field_is_refused_before_allocating(tmp_path, length):
+    import struct
+    import tracemalloc
+
+    from test_dicom import make_ct, save
+
+    for lab in LABELS:
+        (tmp_path / lab).mkdir()
+        for i in range(2):
+            save(make_ct(PatientID=f"ID{lab}{i}"), tmp_path / lab / f"{i}.dcm")
+    bad = tmp_path / "normal" / "0.dcm"
+    data = bytearray(bad.read_bytes())
+    marker = b"\x02\x00\x01\x00OB\x00\x00"  # the file meta's version, a 4-byte length
+    struct.pack_into("<I", data, data.index(marker) + len(marker), length)
+    bad.write_bytes(bytes(data))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ManifestError) as ei:
+            load_manifest(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    msg = str(ei.value)
+    assert "0.dcm: cannot read the DICOM header: damaged header" in msg and f"length of {length} bytes" in msg, msg
+    assert peak < 20, f"{peak:.0f} MB allocated while refusing the file"
