@@ -343,7 +343,12 @@ def test_bad_option_values_give_one_line_not_usage_text(capsys, argv, needle):
     assert "usage:" not in err and line.endswith("--help`)")
 
 
-def test_bench_option_that_the_config_refuses_is_one_line(capsys):
+def test_bench_option_that_the_config_refuses_is_one_line(capsys, monkeypatch):
+    import osteo.bench
+
+    # the measurement itself is skipped: only its first step, the config of the networks, runs
+    monkeypatch.setattr(osteo.bench, "run", lambda image_size, batch_size, *a: TrainConfig(
+        model="resnet18", inputs=("t",), batch_size=batch_size, image_size=image_size, pretrained=False))
     rc, out, err = run_cli(capsys, "bench", "--batch-size", "1", "--steps", "1", "--twins", "0")
     assert_one_line_error(rc, err, "bench: --batch_size must be an integer >= 2")
 
