@@ -8,6 +8,10 @@ them with different kernels here:
     OSTEO_TEST_THREADS=1 pytest tests/test_engines.py      # torch.set_num_threads(1) for the session
     OSTEO_TEST_NO_MKLDNN=1 pytest tests/test_engines.py    # oneDNN (mkldnn) off: PyTorch's own conv kernels
     ATEN_CPU_CAPABILITY=avx2 pytest tests/test_engines.py  # PyTorch's own switch: AVX2 kernels on an AVX-512 CPU
+    ATEN_CPU_CAPABILITY=default pytest ...                 # ... or none (also changes seeded weights: normal_)
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 pytest ...  # oneDNN's convolutions on AVX2 too
+
+benchmarks/rounding_drift.py measures how far the code paths drift apart under these settings.
 """
 import os
 import socket
@@ -29,7 +33,9 @@ if os.environ.get("OSTEO_TEST_NO_MKLDNN", "0") not in ("", "0"):
 
 def pytest_report_header(config):
     return (f"torch {torch.__version__}: {torch.get_num_threads()} threads, oneDNN "
-            f"{'on' if torch.backends.mkldnn.enabled else 'off'}, CPU kernels {torch.backends.cpu.get_cpu_capability()}")
+            f"{'on' if torch.backends.mkldnn.enabled else 'off'}"
+            f"{' (at most ' + os.environ['ONEDNN_MAX_CPU_ISA'] + ')' if os.environ.get('ONEDNN_MAX_CPU_ISA') else ''}, "
+            f"CPU kernels {torch.backends.cpu.get_cpu_capability()}")
 
 
 def make_separable(n_per_class=24, size=32, seed=0, test_fraction=0.25):

@@ -81,19 +81,25 @@ def test_grouped_bf16_autocast_within_bf16_tolerance_of_float32():
         assert (b.float().argmax(1) == a.argmax(1)).float().mean() >= 0.75
 
 
-# Why the engine comparisons below are made where they are (measured on a 2-core Xeon, torch 2.x):
-# the engines compute the same function with a different order of summation (grouped vs separate
-# convolutions), and so do other CPUs (instruction set, threads, oneDNN). In float32 the first
-# step's loss terms differ by <= 7e-7 (relative), outputs by <= 3e-6 and gradients by <= 5e-6 of
-# their tensor's largest entry (grouped vs eager with 2 threads, 1 thread, oneDNN off; one engine
-# with oneDNN on vs off: 8e-7, 6e-6, 1.5e-5). But a float32 training trajectory does not keep that: in this
-# small-batch setting the difference grows about 30x per step (Adam: 5e-7, 3e-5, 1.3e-3, 5e-3,
-# 2e-2 in the loss terms at steps 1-5; SGD diverges as fast), and the same engine run with 1
-# instead of 2 threads drifts just as far (3e-3 at step 3; oneDNN off: 1.3e-2). In float64 everything is ~1e-15 and
-# stays below 1e-11 after 5 Adam steps (Adam's eps of 1e-8 swamps float64 rounding noise in
-# gradients that are mathematically zero, e.g. ACM's K/Q bias, whereas float32 noise of ~1e-7
-# exceeds it and gets a whole learning-rate step in a direction rounding decides). So: trajectories
-# are compared in float64 only, float32 for one step with a tolerance from the error above.
+# Why the engine comparisons below are made where they are. Measured with benchmarks/rounding_drift.py
+# (2-core Xeon, torch 2.14; 1 and 2 threads, oneDNN on and off, PyTorch's kernels for AVX-512, AVX2
+# and no vector instructions, and AVX2 for oneDNN too, as on a CPU without AVX-512): the engines
+# compute the same function with a different order of summation (grouped vs separate convolutions),
+# and so do other CPUs. In float32 the first step's loss terms differ by <= 6.8e-7 (relative),
+# outputs by <= 3.3e-6 and gradients by <= 8.6e-6 of their tensor's largest entry (grouped vs
+# eager, worst setting); one engine under two settings by as much (AVX2 for both libraries vs
+# AVX-512: 4.7e-7, 8.6e-6, 2.4e-5). But a float32 training trajectory does not keep that: in this
+# small-batch setting the difference grows 40-60x per step at first (grouped vs eager, Adam, loss
+# terms at steps 1-5: 4.8e-7, 3.0e-5, 1.3e-3, 4.7e-3, 1.7e-2 with 2 threads; up to 6.2e-5, 5.0e-3,
+# 2.4e-2, 3.3e-2 in other settings), and one engine run with 1 instead of 2 threads drifts as far
+# (2.9e-3 at step 3; oneDNN off: 1.3e-2; AVX2: 8.1e-3). Plain SGD is no cure (lr 1e-2: 1e-2 at
+# step 3). In float64 the engines agree to <= 6.4e-16 at every one of 5 Adam or SGD steps in every
+# setting, and one engine under two settings to <= 7.1e-14 after 5 steps. The cause is Adam (and
+# this small, noisy problem): Adam divides each gradient by its running RMS, so a gradient component
+# below the rounding noise (float32: ~1e-7 of the tensor's scale) but above Adam's eps of 1e-8 moves
+# its weight by a whole learning rate in a direction rounding decides; float64 noise (~1e-16) stays
+# far below eps. So: trajectories are compared in float64 only, float32 for one step with a
+# tolerance from the error above.
 
 
 def _steps(engine: str, steps: int, size=32, batch=8, dtype=torch.float64):
@@ -160,8 +166,8 @@ def float64_inputs(monkeypatch):
 
 def test_grouped_engine_same_training_in_float64(float64_inputs):
     """Same outputs, loss terms and gradients of every parameter in the first step, and the same
-    5-step Adam trajectory (the engines differ by ~1e-15 per step, <= 1e-11 after 5 steps on any
-    setting we tried: tolerances 1e-9 leave a 100x margin)."""
+    5-step Adam trajectory (the engines' loss terms differ by <= 6.4e-16 over 5 steps in every
+    setting we tried, see above: the tolerances 1e-10 and 1e-9 leave room for far other kernels)."""
     ref = _steps("reference", 5)
     got = _steps("grouped", 5)
     _assert_same_step(ref, got, tol=1e-10)
@@ -173,9 +179,9 @@ def test_grouped_engine_same_training_in_float64(float64_inputs):
 
 def test_grouped_engine_same_first_step_float32():
     """In float32 the engines (and CPUs, thread counts, oneDNN on or off) round differently: the
-    first step's outputs and gradients differ by at most 5e-6 of their scale and the loss terms by
-    7e-7 (relative) over all settings we measured (see above); tolerances 1e-4 and 1e-5 leave a
-    >= 14x margin. Later steps are compared in float64 only."""
+    first step's outputs and gradients differ by at most 8.6e-6 of their scale and the loss terms by
+    7e-7 (relative) over all settings we measured (see above); tolerances 1e-4 and 1e-5 leave an
+    11x and 14x margin. Later steps are compared in float64 only."""
     ref = _steps("reference", 1, dtype=torch.float32)
     got = _steps("grouped", 1, dtype=torch.float32)
     _assert_same_step(ref, got, tol=1e-4)
@@ -191,11 +197,14 @@ def test_compiled_engine_same_training_in_float64(float64_inputs):
 
 
 def test_compiled_engine_same_first_step_float32():
-    """Inductor's float32 kernels: the first step, with the float32 tolerances of the grouped engine."""
+    """Inductor's float32 kernels (fused, in their own order): the first step. Measured against eager
+    (benchmarks/rounding_drift.py --compile-only; oneDNN on and off): outputs <= 7.8e-6 and
+    gradients <= 1.8e-5 of their scale, loss terms <= 3.3e-6 relative, 2-5x the grouped engine's;
+    tolerances 3e-4 and 1e-4 leave a 16x and 30x margin."""
     ref = _steps("reference", 1, dtype=torch.float32)
     got = _steps("grouped+compile", 1, dtype=torch.float32)
-    _assert_same_step(ref, got, tol=1e-4)
-    _assert_same_curve(ref[0], got[0], rtol=1e-5)
+    _assert_same_step(ref, got, tol=3e-4)
+    _assert_same_curve(ref[0], got[0], rtol=1e-4)
 
 
 def test_engine_parsing():

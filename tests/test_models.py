@@ -94,19 +94,20 @@ def test_acm_sits_on_the_residual_branch(layer, has_downsample):
 
 
 def test_block_matches_torchvision_block_when_acm_is_identity():
-    """With K == Q and P == 1 the ACM block computes exactly torchvision's BasicBlock."""
+    """With K == Q and P == 1 the ACM block computes exactly torchvision's BasicBlock (in float64:
+    other kernels may order their sums differently; measured difference: 0)."""
     torch.manual_seed(0)
-    m = resnet18_acm().eval()
+    m = resnet18_acm().double().eval()
     blk = m.layer3[0]
-    ref = torchvision.models.resnet.BasicBlock(128, 256, stride=2, downsample=blk.downsample).eval()
+    ref = torchvision.models.resnet.BasicBlock(128, 256, stride=2, downsample=blk.downsample).double().eval()
     ref.load_state_dict({k: v for k, v in blk.state_dict().items() if not k.startswith("acm.")})
     with torch.no_grad():
         blk.acm.kq.weight[1::2] = blk.acm.kq.weight[0::2]
         blk.acm.kq.bias[1::2] = blk.acm.kq.bias[0::2]
         blk.acm.p2.weight.zero_()
-        blk.acm.p2.bias.fill_(100.0)
-        x = torch.randn(2, 128, 8, 8)
-        torch.testing.assert_close(blk(x)[0], ref(x), rtol=1e-5, atol=1e-5)
+        blk.acm.p2.bias.fill_(100.0)  # P = sigmoid(100) = 1 in float64
+        x = torch.randn(2, 128, 8, 8, dtype=torch.float64)
+        torch.testing.assert_close(blk(x)[0], ref(x), rtol=1e-12, atol=1e-12)
 
 
 def test_resnet_keys_are_torchvision_keys():
