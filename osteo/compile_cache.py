@@ -9,21 +9,27 @@ same file loads them (``torch.compiler.load_cache_artifacts``) before it compile
 file carries the compiled Triton kernels; on the CPU it carries the generated code but not the
 compiled C++ kernels, which torch keeps in its own cache folder. So the kit also moves torch's
 folder (``TORCHINDUCTOR_CACHE_DIR``, unless already set) into its own, where it survives reboots and
-can be shared by machines of one kind.
+can be shared by machines of one kind. Compiled CPU code uses the instruction set of the machine
+that compiled it, and torch's own cache does not tell machines apart, so both the artifacts file
+and torch's folder are kept per kind of machine (:func:`machine_kind`: the CPU's instruction-set
+flags, torch's kernel level, the GPU's name); a folder shared by a mixed cluster then holds one
+set per kind, and no machine loads code built for another.
 
 Folder: ``OSTEO_COMPILE_CACHE`` when set (point array jobs at a shared folder), else
 ``$XDG_CACHE_HOME/osteo-kit/compile`` (``~/.cache/osteo-kit/compile``); torch's own cache goes to
-its ``torch`` subfolder. The file name holds what the
+its ``torch/<machine kind>`` subfolder. The file name holds what the
 compiled graph depends on: torch version, device, network, views, batch and image size, engine,
 precision and the loss weights baked into the graph. A stale or foreign file only costs a compile:
 torch checks each artifact's own key before using it. Measured by ``benchmarks/compile_cache.py``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -31,7 +37,7 @@ import torch
 
 from .atomic import atomic_write
 
-__all__ = ["cache_dir", "cache_file", "load", "save", "use_kit_folder_for_torch"]
+__all__ = ["cache_dir", "cache_file", "load", "machine_kind", "save", "use_kit_folder_for_torch"]
 
 #: The config fields a compiled training step depends on (the others, like the seed, the learning
 #: rate or the epoch count, change numbers the graph reads, not the graph).
@@ -47,6 +53,24 @@ def cache_dir() -> Path:
     return Path(base) / "osteo-kit" / "compile"
 
 
+@functools.lru_cache(maxsize=None)
+def machine_kind() -> str:
+    """What compiled code depends on beyond the program: the CPU architecture and instruction-set
+    flags (from /proc/cpuinfo where there is one), torch's CPU kernel level (``ATEN_CPU_CAPABILITY``),
+    and the name of every visible GPU; a short readable prefix and a hash."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    level = torch.backends.cpu.get_cpu_capability()
+    parts = [platform.machine(), level, " ".join(sorted(flags.split(":")[-1].split())) or platform.processor(), *gpus]
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+    return f"{platform.machine() or 'cpu'}-{level}-{digest}".lower()
+
+
 def use_kit_folder_for_torch() -> None:
     """Point torch's compile cache into :func:`cache_dir` (``torch`` subfolder), unless the user chose
     a folder with ``TORCHINDUCTOR_CACHE_DIR``. torch reads the variable at every use, and writes its
@@ -55,14 +79,15 @@ def use_kit_folder_for_torch() -> None:
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((cache_dir() / "torch").resolve())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((cache_dir() / "torch" / machine_kind()).resolve())
 
 
 def cache_file(config: dict, device: torch.device) -> Path:
     """The artifacts file of a training step of ``config`` (a ``TrainConfig.to_dict()``) on ``device``."""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     what = {k: config.get(k) for k in GRAPH_FIELDS}
-    key = hashlib.sha256(json.dumps([torch.__version__, where, what], sort_keys=True, default=str).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([torch.__version__, where, machine_kind(), what], sort_keys=True,
+                                    default=str).encode()).hexdigest()
     return cache_dir() / f"{config.get('model')}-{config.get('image_size')}px-b{config.get('batch_size')}-{key[:16]}.bin"
 
 

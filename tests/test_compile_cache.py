@@ -48,10 +48,26 @@ def test_default_folder_and_torchs_folder(monkeypatch, tmp_path):
         else:
             monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
         compile_cache.use_kit_folder_for_torch()
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "kit" / "torch").resolve())
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "kit" / "torch" / compile_cache.machine_kind()).resolve())
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice stays
     compile_cache.use_kit_folder_for_torch()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_machines_of_another_kind_use_other_files(monkeypatch, tmp_path):
+    """Code compiled for one instruction set must not reach a machine with another (torch's own cache
+    does not tell them apart): the kernel level and the CPU's flags are part of the names."""
+    monkeypatch.setenv("OSTEO_COMPILE_CACHE", str(tmp_path))
+    cfg, cpu = TrainConfig(pretrained=False, engine="compile").to_dict(), torch.device("cpu")
+    here, file_here = compile_cache.machine_kind(), compile_cache.cache_file(cfg, cpu)
+    assert here.startswith(f"{__import__('platform').machine().lower()}-{torch.backends.cpu.get_cpu_capability().lower()}-")
+    compile_cache.machine_kind.cache_clear()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    try:
+        other = compile_cache.machine_kind()
+        assert other != here and compile_cache.cache_file(cfg, cpu) != file_here
+    finally:
+        compile_cache.machine_kind.cache_clear()
 
 
 def test_a_file_that_cannot_be_used_means_compiling(tmp_path):
