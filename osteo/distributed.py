@@ -73,7 +73,7 @@ def current_world() -> World | None:
 
     Starts the process group on first use: NCCL when this process has a GPU, else gloo (the CPU).
     """
-    if _env_int("WORLD_SIZE") <= 1 if "WORLD_SIZE" in os.environ else True:
+    if "WORLD_SIZE" not in os.environ or _env_int("WORLD_SIZE") <= 1:
         return None
     world = World(_env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0)
     if not dist.is_initialized():

@@ -525,6 +525,19 @@ def test_missing_slope_with_intercept_goes_through_the_same_check(tmp_path):
 # --- length fields larger than the file ----------------------------------------------------------
 
 
+def _refusal(path):
+    """The DicomError message for ``path``, and the peak memory (MB) allocated while refusing it."""
+    holder = {}
+
+    def read():
+        with pytest.raises(DicomError) as ei:
+            read_hu(path)
+        holder["msg"] = str(ei.value)
+
+    peak = _peak_alloc_mb(read)
+    return holder["msg"], peak
+
+
 def _peak_alloc_mb(fn) -> float:
     import tracemalloc
 
@@ -568,15 +581,7 @@ def test_length_field_larger_than_the_file_refused_before_allocating(tmp_path, w
         save(ds, path)
         _set_length(path, b"\x40\x00\x60\xa1UT\x00\x00", "<I", length)
     size = path.stat().st_size
-    holder = {}
-
-    def read():
-        with pytest.raises(DicomError) as ei:
-            read_hu(path)
-        holder["msg"] = str(ei.value)
-
-    peak = _peak_alloc_mb(read)
-    msg = holder["msg"]
+    msg, peak = _refusal(path)
     assert path.name in msg and f"declares a length of {length} bytes" in msg and f"whole file ({size} bytes)" in msg, msg
     assert "MemoryError" not in msg
     assert peak < 20, f"{peak:.0f} MB allocated while refusing the file"
@@ -696,15 +701,7 @@ def test_sequence_and_item_lengths_larger_than_the_file_refused_before_allocatin
         _set_length(path, b"\x08\x00\x32\x10SQ\x00\x00", "<I", length)
     else:
         _set_length(path, b"\xfe\xff\x00\xe0", "<I", length)
-    holder = {}
-
-    def read():
-        with pytest.raises(DicomError) as ei:
-            read_hu(path)
-        holder["msg"] = str(ei.value)
-
-    peak = _peak_alloc_mb(read)
-    msg = holder["msg"]
+    msg, peak = _refusal(path)
     assert path.name in msg and "damaged header" in msg and f"declares a length of {length} bytes" in msg, msg
     assert ("a sequence item" in msg) == (where != "sequence"), msg
     assert peak < 20, f"{peak:.0f} MB allocated while refusing the file"
