@@ -14,6 +14,7 @@ them with different kernels here:
 benchmarks/rounding_drift.py measures how far the code paths drift apart under these settings.
 """
 import os
+import shutil
 import socket
 import tempfile
 
@@ -23,19 +24,31 @@ import torch
 
 from osteo.data import SliceData, SliceSet
 
-# compiled engines keep their work in a folder of this test session, not in the user's cache
-os.environ.setdefault("OSTEO_COMPILE_CACHE", tempfile.mkdtemp(prefix="osteo-test-compile-"))
+# compiled engines keep their work in a folder of this test session, not in the user's cache; the
+# folder is deleted when the session ends (torch's kernels in it take hundreds of MB)
+_SESSION_COMPILE_CACHE = None
+if not os.environ.get("OSTEO_COMPILE_CACHE"):
+    _SESSION_COMPILE_CACHE = os.environ["OSTEO_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="osteo-test-compile-")
 if os.environ.get("OSTEO_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["OSTEO_TEST_THREADS"]))
 if os.environ.get("OSTEO_TEST_NO_MKLDNN", "0") not in ("", "0"):
     torch.backends.mkldnn.enabled = False
 
 
+def pytest_unconfigure(config):
+    if _SESSION_COMPILE_CACHE:
+        shutil.rmtree(_SESSION_COMPILE_CACHE, ignore_errors=True)
+
+
 def pytest_report_header(config):
-    return (f"torch {torch.__version__}: {torch.get_num_threads()} threads, oneDNN "
-            f"{'on' if torch.backends.mkldnn.enabled else 'off'}"
-            f"{' (at most ' + os.environ['ONEDNN_MAX_CPU_ISA'] + ')' if os.environ.get('ONEDNN_MAX_CPU_ISA') else ''}, "
-            f"CPU kernels {torch.backends.cpu.get_cpu_capability()}")
+    free = shutil.disk_usage(config.rootpath).free / 2**30
+    tmp_free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    # measured: the suite's folders (results/smoke and the temporary ones) peak at about 4 GB
+    disk = f"disk: {free:.1f} GiB free here, {tmp_free:.1f} GiB in {tempfile.gettempdir()} (the suite needs about 4 GiB)"
+    isa = f" (at most {os.environ['ONEDNN_MAX_CPU_ISA']})" if os.environ.get("ONEDNN_MAX_CPU_ISA") else ""
+    return [f"torch {torch.__version__}: {torch.get_num_threads()} threads, oneDNN "
+            f"{'on' if torch.backends.mkldnn.enabled else 'off'}{isa}, "
+            f"CPU kernels {torch.backends.cpu.get_cpu_capability()}", disk]
 
 
 def make_separable(n_per_class=24, size=32, seed=0, test_fraction=0.25):

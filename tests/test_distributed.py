@@ -11,6 +11,7 @@ same history (measured <= 1.1e-6 relative), alpha (4.5e-10), predictions and met
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -59,7 +60,8 @@ def shared(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shared")
     proc = _shared_run(folder, BASE)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return folder
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)  # two runs' checkpoints: free the disk for later tests
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
