@@ -342,8 +342,8 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The benchmark's options, on *p* (``osteo bench`` passes its own parser)."""
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
@@ -357,7 +357,28 @@ def main(argv=None):
     p.add_argument("--twins", type=int, default=5, help="N twins trained as one grouped network (Table 4 has 5; "
                                                          "0 skips the row)")
     p.add_argument("--out-dir", default="results/bench")
+    return p
+
+
+def check_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse a value the measurement would meet only minutes later (``p.error``: one line, exit 2)."""
+    for name, low in (("steps", 1), ("warmup", 0), ("twins", 0)):
+        if getattr(a, name) < low:
+            p.error(f"--{name} must be an integer >= {low}, got {getattr(a, name)}")
+    if not 16 <= a.image_size <= 4096:
+        p.error(f"--image-size must be an integer in [16, 4096], got {a.image_size}")
+    try:
+        for engine in a.engines or ("auto",):
+            TrainConfig(image_size=a.image_size, batch_size=a.batch_size, pretrained=False, engine=engine)
+    except ValueError as e:
+        p.error(str(e).replace("TrainConfig.batch_size", "--batch-size").replace("TrainConfig.engine", "--engines"))
+
+
+def main(argv=None, parser: argparse.ArgumentParser | None = None):
+    """``python -m osteo.bench [options]``; ``osteo bench`` passes its parser, whose errors are one line."""
+    p = add_options(parser or argparse.ArgumentParser(prog="python -m osteo.bench", description=__doc__.splitlines()[0]))
     a = p.parse_args(argv)
+    check_options(p, a)
     run(a.image_size, a.batch_size, a.steps, a.warmup, False if a.no_compile else None, a.device, a.out_dir,
         a.engines, a.loop_check, a.baselines, a.twins)
 

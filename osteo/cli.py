@@ -273,7 +273,7 @@ def _cmd_predict(a) -> int:
 
 
 def _cmd_bench(a) -> int:
-    bench.main(a.rest)
+    bench.main(a.rest, parser=_Parser(prog="osteo bench", description=bench.__doc__.splitlines()[0]))
     return 0
 
 
@@ -441,12 +441,7 @@ def main(argv=None) -> int:
     argv = [x for x in argv if x != "--debug"]
     try:
         if argv[:1] == ["bench"]:  # argparse's REMAINDER drops options that come first; bench parses its own
-            try:
-                bench.main(argv[1:])
-            except ValueError as e:  # an option value the networks' config refuses (--batch-size 1, ...)
-                if not str(e).startswith("TrainConfig"):
-                    raise
-                raise UserError(f"bench: {str(e).replace('TrainConfig.', '--').replace('TrainConfig: ', '')}") from None
+            bench.main(argv[1:], parser=_Parser(prog="osteo bench", description=bench.__doc__.splitlines()[0]))
             return 0
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)

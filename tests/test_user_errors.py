@@ -343,14 +343,34 @@ def test_bad_option_values_give_one_line_not_usage_text(capsys, argv, needle):
     assert "usage:" not in err and line.endswith("--help`)")
 
 
-def test_bench_option_that_the_config_refuses_is_one_line(capsys, monkeypatch):
+@pytest.mark.parametrize("argv, needle", [
+    (["--batch-size", "1"], "--batch-size must be an integer >= 2"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 2"),
+    (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+    (["--image-size", "8"], "--image-size must be an integer in [16, 4096], got 8"),
+    (["--image-size", "100000"], "--image-size must be an integer in [16, 4096]"),
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be an integer >= 0"),
+    (["--twins", "-2"], "--twins must be an integer >= 0"),
+    (["--engines", "grouped", "turbo"], "--engines 'turbo'"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bench_options_are_checked_before_measuring(capsys, monkeypatch, argv, needle):
     import osteo.bench
 
-    # the measurement itself is skipped: only its first step, the config of the networks, runs
-    monkeypatch.setattr(osteo.bench, "run", lambda image_size, batch_size, *a: TrainConfig(
-        model="resnet18", inputs=("t",), batch_size=batch_size, image_size=image_size, pretrained=False))
-    rc, out, err = run_cli(capsys, "bench", "--batch-size", "1", "--steps", "1", "--twins", "0")
-    assert_one_line_error(rc, err, "bench: --batch_size must be an integer >= 2")
+    measured = []
+    monkeypatch.setattr(osteo.bench, "run", lambda *a, **k: measured.append(a))
+    rc, out, err = run_cli(capsys, "bench", *argv)
+    line = assert_one_line_error(rc, err, needle)
+    assert "usage:" not in err and line.endswith("(see `osteo bench --help`)"), line
+    assert measured == []  # refused before any network is built
+
+
+def test_bench_help_names_the_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "bench", "--help")
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: osteo bench ")
 
 
 def _manifest_case(tmp_path, slices, case):
