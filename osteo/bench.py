@@ -320,11 +320,12 @@ def run(image_size=224, batch_size=128, steps=20, warmup=5, compile_=None, devic
 
 def format_table(report: dict) -> str:
     """The benchmark's table as text (what ``osteo bench`` prints)."""
+    w = max(map(len, report["rows"]))
     lines = [f"device: {report['device']}; torch {report['torch']}; {report['image_size']} px, batch {report['batch_size']}",
-             f"{'':34s} {'img/s':>9s} {'x anchor':>9s} {'peak GiB':>9s} {'warm-up s':>10s}"]
+             f"{'':{w}s} {'img/s':>9s} {'x anchor':>9s} {'peak GiB':>9s} {'warm-up s':>10s}"]
     for name, r in report["rows"].items():
         mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
-        lines.append(f"{name:34s} {r['images_per_s']:9.1f} {r['ratio_to_anchor']:9.2f} {mem:>9s} {r['warmup_s']:10.1f}")
+        lines.append(f"{name:{w}s} {r['images_per_s']:9.1f} {r['ratio_to_anchor']:9.2f} {mem:>9s} {r['warmup_s']:10.1f}")
     lines.append(f"fastest twin engine: {report['best_twin_engine']}; data path / that training: "
                  f"{report['data_path_over_best_train']:.1f}x")
     lines.append(f"one paper-size epoch (3600 slices): {report['paper_epoch_seconds']:.1f} s; "
