@@ -39,6 +39,13 @@ def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return (w3.unsqueeze(2) * eye.view(groups, 1, groups, 1)).reshape(o, groups * ig)
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether (B, C, H, W) ``x`` is stored channels-last, read from its strides (inside vmap,
+    ``is_contiguous(memory_format=...)`` cannot be asked)."""
+    _, c, _, w = x.shape
+    return x.stride()[1:] == (1, w * c, c)
+
+
 def acm_function(x, kq_weight, kq_bias, p1_weight, p1_bias, p2_weight, p2_bias, groups: int, branches: int = 1):
     """ACM as a function of its input and weights (design section 2); returns ``(Y, dp)``, ``dp`` of shape (B,).
 
@@ -49,14 +56,21 @@ def acm_function(x, kq_weight, kq_bias, p1_weight, p1_bias, p2_weight, p2_bias, 
     dense GEMMs with block-diagonal weights (:func:`block_diagonal`), and since each softmax map sums
     to one, ``K = A_K X - mu`` needs no centred copy of X (``K - Q = (A_K - A_Q) X``). The weighted
     means are one matmul per sample: grouped (a free view) for a contiguous X, dense then block
-    diagonal for channels-last X, so neither layout copies the feature map. The twin's batched path
+    diagonal for channels-last X, so neither layout copies the feature map. X in any other layout
+    (one member's slice of a stacked batch, as :mod:`osteo.batched` hands it over under vmap) is
+    copied into the branch a separate run of the kit takes on that device (grouped on the CPU,
+    dense on CUDA, where the inputs are channels-last), so a batched run sums in the same order as
+    its separate run. The twin's batched path
     (:mod:`osteo.grouped`) calls this with both branches' weights concatenated and ``2 * groups``.
     """
     b, c, h, w = x.shape
     g = groups
     mu = x.mean(dim=(2, 3))  # (B, C)
     logits = F.conv2d(x, block_diagonal(kq_weight, g)[:, :, None, None], kq_bias)  # (B, 2G, H, W)
-    if x.is_contiguous():
+    # X in neither layout (a member's slice of a stacked batch under vmap): the branch a separate run
+    # takes on this device (its inputs are channels-last on CUDA, contiguous elsewhere)
+    dense = not x.is_contiguous() and (_channels_last(x) or x.is_cuda)
+    if not dense:
         attn = logits.reshape(b, g, 2, h * w).softmax(dim=-1)  # [:, g, 0] group g's K map, [:, g, 1] its Q map
         agg = torch.matmul(attn, x.reshape(b, g, c // g, h * w).transpose(-1, -2))  # (B, G, 2, C/G)
         agg = agg.transpose(1, 2).reshape(b, 2, c)
