@@ -4,8 +4,9 @@ The two processes take the steps of the single-process run: the same global batc
 over the global batch, the same loss. Compared in float64 (tests/ddp_worker.py runs each process):
 one step gives the single-process weights to ~1e-15 of their scale (measured 2e-16; tolerance 1e-10),
 except ACM's key/query biases, whose gradient is zero in exact arithmetic and rounding noise in any
-run (see tests/test_batched.py). After that, Adam turns that noise into different weights (0.2 % of
-a layer's scale after 6 steps, measured), so whole runs are compared as the batched runs are: the
+run (see tests/test_batched.py). After that, Adam near its eps and batch norm over few slices amplify
+roundings into different weights (docs/design.md, section 3; 0.2 % of a layer's scale after 6 steps,
+measured), so whole runs are compared as the batched runs are: the
 same history (measured <= 1.1e-6 relative), alpha (4.5e-10), predictions and metrics.
 """
 import copy
