@@ -35,6 +35,7 @@ from .predict import PredictError, predict_files
 from .report import duration, write_report
 from .synthetic import SyntheticError, synthesize
 from .training import CheckpointError, DeviceError, TrainConfig, resolve_device, train
+from .training import _MAX_IMAGE_SIZE as MAX_IMAGE_SIZE
 from .weights import WeightsError
 
 
@@ -80,6 +81,8 @@ def _cmd_synth(a) -> int:
     out = Path(a.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{a.out_dir}: exists and is not a folder")
+    if a.size > MAX_IMAGE_SIZE:  # before a size x size slice is allocated
+        raise UserError(f"--size {a.size}: too large (at most {MAX_IMAGE_SIZE} pixels)")
     try:
         df = synthesize(a.out_dir, n_per_class=a.n_per_class, size=a.size, seed=a.seed,
                         slices_per_patient=a.slices_per_patient, overwrite=a.overwrite,
@@ -101,6 +104,8 @@ def _cmd_train(a) -> int:
             raise UserError(f"--{name} {v}: must be a finite number{' > 0' if name == 'lr' else ''}")
     if a.image_size < 16:
         raise UserError(f"--image-size {a.image_size}: too small (at least 16 pixels)")
+    if a.image_size > MAX_IMAGE_SIZE:  # before a slices x size x size array is allocated
+        raise UserError(f"--image-size {a.image_size}: too large (at most {MAX_IMAGE_SIZE} pixels)")
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise UserError(f"{a.out}: --out exists and is not a folder")
     try:

@@ -9,7 +9,8 @@ care below, all of it ours:
   decimal number written as DICOM writes it (``-1024``, ``0.5``, ``1e3``): a value with a letter,
   a decimal comma, two values, NaN/inf, a tab or non-ASCII digit, or nothing at all is refused,
   never replaced by a default. So is a slope of 0 or below, a slope too small for the stored values
-  to span air to bone (1000 HU), a rescale that gives values beyond +-100000, and a RescaleType
+  to span air to bone (1000 HU), a rescale that gives values beyond +-40000 (no CT
+  reaches them; signed pixels read as unsigned do), and a RescaleType
   other than HU or US (unspecified): OD, MGML, ED, ... are not Hounsfield units.
 * A missing rescale tag is taken as its identity value (slope 1, intercept 0) only when the HU
   that this gives look like HU: the lowest value that is not padding lies in [-1100, 0) (every
@@ -20,6 +21,11 @@ care below, all of it ours:
 * Before anything is allocated, every length field is checked against the file's size: a header
   declaring an element longer than the whole file is refused as damaged (no 4 GB allocation), and
   so is a sequence item longer than what remains of the file (or of its sequence).
+* Uncompressed pixel data must match the image tags: at least one row more data than Rows x
+  Columns x BitsAllocated (x frames) need, or stored values with bits set above BitsStored (that
+  are not the sign), are refused, as is a slice whose pixels all hold one value (a blank image) or
+  are all padding. PixelSpacing, SliceThickness and KVP that are not positive numbers are
+  reported as None (unknown), never as a wrong number; osteo itself does not use them.
 * PixelPaddingValue (and PixelPaddingRangeLimit) are compared with the *stored* values, before
   the rescale; those pixels become -1024 HU (air) and are counted in ``meta["padding_masked"]``.
 * Compressed transfer syntaxes decode through pydicom's decoders (JPEG 2000 via
@@ -407,6 +413,18 @@ def _rescale_number(value, keyword: str, r: _Reader) -> float:
     return number
 
 
+def _positive_numbers(value, n: int):
+    """``n`` positive finite numbers as a tuple, else None (absent, another count, text, 0, NaN):
+    a damaged PixelSpacing or SliceThickness is reported as unknown, never as a wrong number."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    numbers = [_float_or_none(v) for v in items]
+    if len(numbers) != n or not all(x is not None and np.isfinite(x) and x > 0 for x in numbers):
+        return None
+    return tuple(numbers)
+
+
 def _float_or_none(v):
     try:
         return None if v is None or v == "" else float(v)
@@ -450,8 +468,51 @@ def _check_decoder(ds, r: _Reader) -> None:
         )
 
 
+def _check_native_pixel_data(ds, frame: int, n_frames: int, r: _Reader) -> None:
+    """For uncompressed pixel data, two checks pydicom leaves to the reader:
+
+    * the data hold no more than Rows x Columns x SamplesPerPixel x BitsAllocated x frames (give or
+      take the padding to an even length and a few trailing bytes): at least one whole row more
+      means that Rows, Columns, BitsAllocated or NumberOfFrames is wrong, and the image would be
+      read scrambled or cut;
+    * no stored value has bits set above BitsStored (unsigned), or bits there that are not the sign
+      (signed): pydicom would mask them off, silently changing the value (a 16-bit signed slice
+      declared as 12 bits stored turns -1024 into 3072)."""
+    tsuid = UID(ds.file_meta.TransferSyntaxUID)
+    data = ds.get("PixelData")
+    if tsuid.is_encapsulated or not isinstance(data, (bytes, bytearray)):
+        return
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+    row_bytes = cols * spp * bits // 8
+    expected = (rows * cols * spp * bits * n_frames + 7) // 8
+    if row_bytes and len(data) - expected >= row_bytes:
+        raise r.error(f"pixel data holds {len(data)} bytes, {len(data) - expected} more than Rows x Columns x "
+                      f"BitsAllocated ({rows} x {cols} x {bits} bits, {n_frames} frame(s): {expected} bytes) need: "
+                      "Rows, Columns, BitsAllocated or NumberOfFrames is wrong")
+    stored = int(ds.get("BitsStored", bits) or bits)
+    if bits not in (8, 16, 32) or not 0 < stored < bits or spp != 1:
+        return
+    frame_bytes = rows * cols * bits // 8
+    dtype = np.dtype(f"u{bits // 8}").newbyteorder("<" if tsuid.is_little_endian else ">")
+    raw = np.frombuffer(data, dtype=dtype, count=rows * cols, offset=frame * frame_bytes).astype(np.uint64)
+    high = raw >> stored  # the bits above BitsStored
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        sign = (raw >> (stored - 1)) & 1
+        bad = high != np.where(sign == 1, (1 << (bits - stored)) - 1, 0)
+    else:
+        bad = high != 0
+    if bad.any():
+        signed = "signed" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "unsigned"
+        raise r.error(f"{int(bad.sum())} stored values use bits above BitsStored {stored} ({signed}, BitsAllocated "
+                      f"{bits}): BitsStored or PixelRepresentation does not match the pixel data, and reading them "
+                      "as declared would change their values")
+
+
 def _stored_pixels(ds, frame: int | None, n_frames: int, r: _Reader) -> np.ndarray:
     _check_decoder(ds, r)
+    if not ds.get("PixelData"):
+        raise r.error("PixelData is empty (0 bytes): no image in this file")
     try:
         if n_frames > 1:
             arr = pixel_array(ds, index=frame)
@@ -468,6 +529,7 @@ def _stored_pixels(ds, frame: int | None, n_frames: int, r: _Reader) -> np.ndarr
         arr = arr[0]
     if arr.ndim != 2:
         raise r.error(f"pixel data has shape {arr.shape}, expected one grey 2-D slice")
+    _check_native_pixel_data(ds, frame or 0, n_frames, r)
     return arr
 
 
@@ -528,7 +590,7 @@ def read_hu(path, frame: int | None = None):
     """Read one CT slice as HU: returns ``(hu, meta)``.
 
     ``hu`` is a float32 2-D array in Hounsfield units in canonical axial orientation; ``meta`` holds
-    ``pixel_spacing`` ((row, col) mm of the returned array, or None), ``patient_id`` (as stored:
+    ``pixel_spacing`` ((row, col) mm of the returned array, or None when absent or not two positive numbers), ``patient_id`` (as stored:
     pseudonymise before it goes anywhere), ``modality``, ``slice_thickness``, ``kvp``, ``rows``,
     ``cols`` (of the returned array), ``transfer_syntax`` (name), ``photometric``, ``flipped``,
     ``padding_masked``, and ``rescale_slope``, ``rescale_intercept``, ``rescale_source``,
@@ -571,7 +633,12 @@ def _check_ct_image(ds, r: _Reader):
 
 def _frame_index(ds, frame, r: _Reader) -> tuple[int, int]:
     """(index of the frame to read, number of frames): a multi-frame file needs an explicit ``frame``."""
-    n_frames = int(_float_or_none(ds.get("NumberOfFrames")) or 1)
+    raw = ds.get("NumberOfFrames")
+    n_frames = _float_or_none(raw)
+    if raw not in (None, "") and (n_frames is None or n_frames != int(n_frames) or n_frames < 0):
+        shown = "\\".join(map(str, raw)) if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" else raw
+        raise r.error(f"NumberOfFrames {str(shown)!r} is not a count of frames (a whole number)")
+    n_frames = int(n_frames or 1)
     if frame is None:
         if n_frames > 1:
             raise r.error(f"{n_frames} frames: osteo reads single slices; split the volume (or pass frame=)")
@@ -624,10 +691,7 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
     iop, _ = _attr(ds, idx, "PlaneOrientationSequence", "ImageOrientationPatient")
     spacing, _ = _attr(ds, idx, "PixelMeasuresSequence", "PixelSpacing")
     thick, _ = _attr(ds, idx, "PixelMeasuresSequence", "SliceThickness")
-    try:
-        spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
-    except (TypeError, ValueError):
-        spacing = None
+    spacing = _positive_numbers(spacing, 2)
     hu, spacing, flipped, tilt = _orient(hu, iop, spacing, r)
 
     pid = ds.get("PatientID")
@@ -635,8 +699,8 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
         "pixel_spacing": spacing,
         "patient_id": str(pid).strip() if pid is not None and str(pid).strip() else None,
         "modality": modality or "CT",
-        "slice_thickness": _float_or_none(thick),
-        "kvp": _float_or_none(ds.get("KVP")),
+        "slice_thickness": (_positive_numbers(thick, 1) or (None,))[0],
+        "kvp": (_positive_numbers(ds.get("KVP"), 1) or (None,))[0],
         "rows": int(hu.shape[0]),
         "cols": int(hu.shape[1]),
         "transfer_syntax": UID(ds.file_meta.TransferSyntaxUID).name,
@@ -660,8 +724,10 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
 #: RescaleType values that mean Hounsfield units ("US", unspecified, is what many CT writers put).
 _HU_RESCALE_TYPES = ("HU", "US")
 
-#: No CT value lies this far from 0 (extended-scale CT reaches a few tens of thousands of HU).
-_MAX_ABS_HU = 100_000.0
+#: No CT value lies this far from 0: extended-scale CT ends near 31,000 HU (Siemens 30,710, GE
+#: 31,743), and padding outside the field of view near -32,768 - 1024. Signed 16-bit pixels read as
+#: unsigned (PixelRepresentation 0 for signed data) turn air into about +64,500 and land beyond it.
+_MAX_ABS_HU = 40_000.0
 
 #: Air to cortical bone: the least span of HU a CT's stored values must be able to cover.
 _MIN_HU_SPAN = 1000.0
@@ -690,11 +756,15 @@ def _check_hu_range(ds, hu: np.ndarray, pad, slope: float, icpt: float, stored: 
                       f"less than the {_MIN_HU_SPAN:g} HU from air to bone; the rescale is damaged")
     values = hu[~pad] if pad is not None else hu
     if values.size == 0:
-        return
+        raise r.error(f"every pixel is padding (PixelPaddingValue {ds.get('PixelPaddingValue')}): no image in this file")
     lo, hi = float(values.min()), float(values.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or max(abs(lo), abs(hi)) > _MAX_ABS_HU:
         raise r.error(f"RescaleSlope {slope:g} and RescaleIntercept {icpt:g} give values from {lo:.6g} to {hi:.6g}, "
-                      f"not HU (CT values lie within +-{_MAX_ABS_HU:g}); the rescale is damaged")
+                      f"not HU (CT values lie within +-{_MAX_ABS_HU:g}); the rescale, or PixelRepresentation "
+                      f"({'signed' if int(ds.get('PixelRepresentation', 0) or 0) == 1 else 'unsigned'}), is damaged")
+    if lo == hi:
+        raise r.error(f"every pixel{' that is not padding' if pad is not None and pad.any() else ''} holds the same "
+                      f"value ({lo:g} HU): a blank slice, not a CT image")
 
 
 def _rescale(ds, idx: int, stored: np.ndarray, pad, r: _Reader):

@@ -12,6 +12,7 @@ Decisions that are ours (the paper says only "80 % train, 20 % test", design sec
 """
 from __future__ import annotations
 
+import csv
 import math
 import os
 from pathlib import Path
@@ -49,7 +50,12 @@ def _where(df: pd.DataFrame, i) -> str:
     """How a row is named in messages: its CSV line if known, else its index; then its path."""
     line = df.at[i, "_line"] if "_line" in df.columns else None
     where = f"line {line}" if line is not None and not pd.isna(line) else f"row {i}"
-    return f"{where}: {df.at[i, 'path']}" if "path" in df.columns else where
+    if "path" not in df.columns:
+        return where
+    path = str(df.at[i, "path"])
+    if len(path) > 300:  # a damaged row (a whole file pasted into one cell) is not shown in full
+        path = f"{path[:120]}...{path[-60:]} ({len(path)} characters)"
+    return f"{where}: {path}"
 
 
 def _blank(v) -> bool:
@@ -118,6 +124,12 @@ def _load_csv(p: Path, salt, pseudonymize_ids: bool) -> pd.DataFrame:
     except Exception as e:
         raise ManifestError(f"{p}: cannot be read as CSV ({type(e).__name__}: {e})") from e
     cols = [str(c).strip() for c in header.columns]
+    with open(p, newline="", encoding="utf-8-sig") as fh:  # pandas renames a repeated column to "name.1"
+        names = [c.strip() for c in next(csv.reader(fh), [])]
+    repeated = sorted({c for c in names if names.count(c) > 1 and c})
+    if repeated:
+        raise ManifestError(f"{p}: line 1: column(s) {', '.join(repeated)} appear more than once; "
+                            "each column must be named once")
     missing = [c for c in REQUIRED_COLUMNS if c not in cols]
     if missing:
         raise ManifestError(
@@ -127,13 +139,16 @@ def _load_csv(p: Path, salt, pseudonymize_ids: bool) -> pd.DataFrame:
     own = [c for c in ("path", "label", "patient_id", "split") if c in cols]
     # The columns we interpret are read as text with no NA guessing ("NA" can be a patient id);
     # extra columns keep pandas' usual typing.
-    df = pd.read_csv(p, skipinitialspace=True)
+    try:
+        df = pd.read_csv(p, skipinitialspace=True)
+        text = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.ParserError as e:  # a row with more fields than the header, an unclosed quote
+        raise ManifestError(f"{p}: cannot be read as CSV ({_parser_problem(e)})") from None
     df.columns = cols
-    text = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
     text.columns = cols
     for c in own:
         df[c] = text[c].str.strip()
-    df["_line"] = np.arange(len(df)) + 2  # header is line 1
+    df["_line"] = _row_lines(p, len(df))
     base = Path(os.path.abspath(p)).parent
     df["path"] = [_abs_posix(base, v) if v else "" for v in df["path"]]
     df["label"] = df["label"].str.lower()
@@ -144,6 +159,33 @@ def _load_csv(p: Path, salt, pseudonymize_ids: bool) -> pd.DataFrame:
     if pseudonymize_ids:
         df["patient_id"] = [pseudonymize(v, salt) if v else v for v in df["patient_id"]]
     return df
+
+
+def _row_lines(p: Path, n: int) -> np.ndarray:
+    """The line of the CSV on which each of the ``n`` rows starts (the header is line 1): blank
+    lines, which pandas skips, and values with line breaks inside quotes are counted."""
+    starts, prev = [], 0
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                if row and any(v.strip() for v in row) or len(row) > 1:
+                    starts.append(prev + 1)
+                prev = reader.line_num
+    except csv.Error:  # a value longer than the csv module takes: count rows as pandas does
+        starts = []
+    starts = starts[1:]  # the header
+    return np.array(starts) if len(starts) == n else np.arange(n) + 2
+
+
+def _parser_problem(e: Exception) -> str:
+    """pandas' tokenizer error in our words: "line N: expected K fields, found M"."""
+    import re
+
+    m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
+    if m:
+        return f"line {m.group(2)}: {m.group(3)} fields, but the header names {m.group(1)} columns (a comma too many?)"
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def _abs_posix(base: Path, v: str) -> str:
@@ -208,8 +250,10 @@ def _row_problems(df: pd.DataFrame, check_files: bool) -> list[str]:
             problems.append(f"{where}: duplicate path (also at {_where(df, first_seen[path]).split(':')[0]})")
         else:
             first_seen[path] = i
-            if check_files and not Path(path).is_file():
-                problems.append(f"{where}: missing file" if not Path(path).exists() else f"{where}: not a file")
+            if check_files:
+                problem = _file_problem(Path(path))
+                if problem:
+                    problems.append(f"{where}: {problem}")
         if _blank(label) or label not in LABELS:
             problems.append(f"{where}: unknown label {label!r} (allowed: {', '.join(LABELS)})")
         if _blank(pid):
@@ -218,6 +262,16 @@ def _row_problems(df: pd.DataFrame, check_files: bool) -> list[str]:
             problems.append(f"{where}: split {df.at[i, 'split']!r} is not train or test")
     problems += _label_conflicts(df)
     return problems
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a file the manifest can list (None if it is one)."""
+    try:
+        if path.is_file():
+            return None
+        return "not a file" if path.exists() else "missing file"
+    except OSError as e:  # a name too long for the file system, a symlink loop
+        return f"cannot be checked ({(e.strerror or type(e).__name__).lower()})"
 
 
 def _label_conflicts(df: pd.DataFrame) -> list[str]:

@@ -9,7 +9,9 @@ exit code is 1 when any failed. With ``gradcam_dir``, one PNG per slice shows th
 The CSV is UTF-8. It is written atomically: rows go to a temporary file with a unique name in the
 target folder, which replaces the CSV only when every row is in, so two runs writing the same CSV
 never see each other's half-written file (the last to finish wins) and the CSV is never half
-written. If a run is interrupted (Ctrl-C), the rows computed so far are kept in
+written. An existing file named by ``--out`` is replaced only if it is a predictions CSV (its
+first line starts with ``file,``) and not write-protected: a DICOM file, a checkpoint or any other
+file given by mistake is refused before anything is computed. If a run is interrupted (Ctrl-C), the rows computed so far are kept in
 ``<name>.partial.csv`` next to the target, and the message says so. A file name that is not valid
 UTF-8 (POSIX allows any bytes) is written with each undecodable byte as ``\\xNN`` (Python's
 ``backslashreplace``), in the CSV and in messages alike.
@@ -22,6 +24,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -70,17 +73,43 @@ def _empty_folder_problem(folder: Path) -> str:
             f"{', '.join(DICOM_SUFFIXES)}, a number, or have no suffix)")
 
 
-def _check_output(out_csv: Path, gradcam_dir) -> None:
-    """Refuse outputs that cannot be written before any prediction is made."""
-    if out_csv.is_dir():
-        raise PredictError(f"{printable(out_csv)}: --out is a folder; give a CSV file name")
-    for parent in (out_csv.parent, *out_csv.parent.parents):
+def _check_parents(path: Path, option: str) -> None:
+    """The nearest existing folder above ``path`` must be a folder (``path`` is created below it)."""
+    for parent in (path.parent, *path.parent.parents):
         if parent.exists():
             if not parent.is_dir():
-                raise PredictError(f"{printable(parent)}: not a folder, so {printable(out_csv)} cannot be written")
+                raise PredictError(f"{printable(parent)}: not a folder, so {option} {printable(path)} cannot be written")
             break
-    if gradcam_dir is not None and Path(gradcam_dir).exists() and not Path(gradcam_dir).is_dir():
-        raise PredictError(f"{printable(gradcam_dir)}: --gradcam exists and is not a folder")
+
+
+def _is_predictions_csv(path: Path) -> bool:
+    """True for an empty file or one whose first line is a CSV header starting with ``file,``."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return False
+    return head == b"" or head.startswith(b"file,")
+
+
+def _check_output(out_csv: Path, gradcam_dir) -> None:
+    """Refuse outputs that cannot be written before any prediction is made; an existing file is
+    replaced only if it is a predictions CSV and not write-protected (never a DICOM file, a
+    checkpoint or anything else that happens to be named by ``--out``)."""
+    if out_csv.is_dir():
+        raise PredictError(f"{printable(out_csv)}: --out is a folder; give a CSV file name")
+    _check_parents(out_csv, "--out")
+    if out_csv.exists():
+        if not _is_predictions_csv(out_csv):
+            raise PredictError(f"{printable(out_csv)}: --out names an existing file that is not a predictions CSV; "
+                               "refusing to replace it (give another file name)")
+        if not out_csv.stat().st_mode & 0o222:
+            raise PredictError(f"{printable(out_csv)}: --out is write-protected; refusing to replace it")
+    if gradcam_dir is not None:
+        gradcam_dir = Path(gradcam_dir)
+        if gradcam_dir.exists() and not gradcam_dir.is_dir():
+            raise PredictError(f"{printable(gradcam_dir)}: --gradcam exists and is not a folder")
+        _check_parents(gradcam_dir, "--gradcam")
 
 
 class _CsvOut:
@@ -199,6 +228,10 @@ def _predict_one(model, cfg, dev, f: Path, gradcam_dir, number: int) -> dict:
         out = forward_heads(model, cfg, x)
     heads = {h: l.float() for h, l in head_logits(cfg, out).items()}
     prob = torch.softmax(heads[out.main], 1)[0].cpu().numpy()
+    if not all(bool(torch.isfinite(l).all()) for l in heads.values()) or not np.isfinite(prob).all():
+        row.update(status="error", error=f"{f}: the network's output is not finite (NaN or infinite) for this slice; "
+                                         "the checkpoint's weights are damaged")
+        return row
     pred = int(prob.argmax())
     row.update(status="ok", predicted=LABELS[pred], **{f"p_{c}": f"{p:.4f}" for c, p in zip(LABELS, prob)})
     scalars = model_spec(cfg.model).scalars(model)

@@ -456,7 +456,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, foreign objects refused by weights_only
         raise CheckpointError(f"{path}: {_load_problem(path, e)}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if isinstance(fmt, str) and fmt != CHECKPOINT_FORMAT and fmt.startswith(CHECKPOINT_FORMAT.split("/")[0] + "/"):
+        raise CheckpointError(f"{path}: an osteo checkpoint of format {fmt!r}, which this version of osteo-kit "
+                              f"cannot read (it reads {CHECKPOINT_FORMAT!r}); use the osteo-kit version that wrote it")
+    if fmt != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an osteo checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     for k in ("config", "model", "epoch"):
         if k not in state:
@@ -598,6 +602,13 @@ def load_model(path, device="cpu", allow_unfinished: bool = False) -> tuple[torc
     bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path}: the weights hold NaN or infinite values ({bad[0]}{' and more' if len(bad) > 1 else ''})")
+    bad = [k for k, v in state["model"].items() if k.endswith("running_var") and bool((v < 0).any())]
+    if bad:
+        raise CheckpointError(f"{path}: the batch-norm statistics hold negative variances ({bad[0]}"
+                              f"{' and more' if len(bad) > 1 else ''}); the checkpoint is damaged")
+    if "alpha" in state["model"] and not cfg.learn_alpha and float(state["model"]["alpha"]) != float(torch.tensor(cfg.alpha, dtype=state["model"]["alpha"].dtype)):
+        raise CheckpointError(f"{path}: the fixed alpha in the weights ({float(state['model']['alpha']):g}) differs from "
+                              f"the stored config's alpha ({cfg.alpha:g}); the checkpoint is damaged")
     cfg = TrainConfig.from_dict(state["config"])
     return model.to(device).eval(), cfg
 
@@ -608,6 +619,9 @@ def _weights_misfit(expected: dict, stored: dict) -> str | None:
     for k, v in expected.items():
         if k in stored and tuple(stored[k].shape) != tuple(v.shape):
             return f"{k} has shape {list(stored[k].shape)}, the network needs {list(v.shape)}"
+    for k, v in expected.items():  # load_state_dict would cast silently: int or half weights are not ours
+        if k in stored and stored[k].dtype != v.dtype:
+            return f"{k} is stored as {str(stored[k].dtype).removeprefix('torch.')}, the network needs {str(v.dtype).removeprefix('torch.')}"
     missing = [k for k in expected if k not in stored]
     extra = [k for k in stored if k not in expected]
     parts = []

@@ -111,7 +111,7 @@ def test_concurrent_runs_on_one_csv_neither_crash_nor_lose_the_header(tmp_path, 
 def test_an_interrupted_run_keeps_computed_rows_and_the_old_csv(tmp_path, capsys, ck, monkeypatch, stop_at):
     files = slices(tmp_path / "in", 4)
     out = tmp_path / "p.csv"
-    out.write_text("old,contents\n")
+    out.write_text("file,status\nold,contents\n")  # an earlier run's CSV
     real = P.read_hu
     calls = {"n": 0}
 
@@ -125,7 +125,7 @@ def test_an_interrupted_run_keeps_computed_rows_and_the_old_csv(tmp_path, capsys
     rc = osteo_main(["predict", str(ck), *map(str, files), "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 130 and "osteo: interrupted" in err
-    assert out.read_text() == "old,contents\n"  # never half written
+    assert out.read_text() == "file,status\nold,contents\n"  # never half written
     partial = tmp_path / "p.partial.csv"
     if stop_at:
         assert f"stopped after {stop_at} of 4 files; the {stop_at} rows computed so far are in {partial}" in err
