@@ -468,7 +468,7 @@ def _check_decoder(ds, r: _Reader) -> None:
         )
 
 
-def _check_native_pixel_data(ds, frame: int, n_frames: int, r: _Reader) -> None:
+def _check_native_pixel_data(ds, frame: int, n_frames: int, r: _Reader, arr=None) -> None:
     """For uncompressed pixel data, two checks pydicom leaves to the reader:
 
     * the data hold no more than Rows x Columns x SamplesPerPixel x BitsAllocated x frames (give or
@@ -477,19 +477,24 @@ def _check_native_pixel_data(ds, frame: int, n_frames: int, r: _Reader) -> None:
       read scrambled or cut;
     * no stored value has bits set above BitsStored (unsigned), or bits there that are not the sign
       (signed): pydicom would mask them off, silently changing the value (a 16-bit signed slice
-      declared as 12 bits stored turns -1024 into 3072)."""
+      declared as 12 bits stored turns -1024 into 3072); only once ``arr`` (the decoded frame) is given."""
     tsuid = UID(ds.file_meta.TransferSyntaxUID)
     data = ds.get("PixelData")
     if tsuid.is_encapsulated or not isinstance(data, (bytes, bytearray)):
         return
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return  # a missing or damaged image tag: pydicom's decoder names it
     row_bytes = cols * spp * bits // 8
     expected = (rows * cols * spp * bits * n_frames + 7) // 8
-    if row_bytes and len(data) - expected >= row_bytes:
+    if row_bytes > 0 and len(data) - expected >= row_bytes:
         raise r.error(f"pixel data holds {len(data)} bytes, {len(data) - expected} more than Rows x Columns x "
                       f"BitsAllocated ({rows} x {cols} x {bits} bits, {n_frames} frame(s): {expected} bytes) need: "
                       "Rows, Columns, BitsAllocated or NumberOfFrames is wrong")
+    if arr is None:
+        return
     stored = int(ds.get("BitsStored", bits) or bits)
     if bits not in (8, 16, 32) or not 0 < stored < bits or spp != 1:
         return
@@ -513,6 +518,7 @@ def _stored_pixels(ds, frame: int | None, n_frames: int, r: _Reader) -> np.ndarr
     _check_decoder(ds, r)
     if not ds.get("PixelData"):
         raise r.error("PixelData is empty (0 bytes): no image in this file")
+    _check_native_pixel_data(ds, frame or 0, n_frames, r)  # before pydicom guesses frames from the length
     try:
         if n_frames > 1:
             arr = pixel_array(ds, index=frame)
@@ -529,7 +535,7 @@ def _stored_pixels(ds, frame: int | None, n_frames: int, r: _Reader) -> np.ndarr
         arr = arr[0]
     if arr.ndim != 2:
         raise r.error(f"pixel data has shape {arr.shape}, expected one grey 2-D slice")
-    _check_native_pixel_data(ds, frame or 0, n_frames, r)
+    _check_native_pixel_data(ds, frame or 0, n_frames, r, arr)
     return arr
 
 

@@ -711,3 +711,130 @@ def test_sequence_and_item_lengths_larger_than_the_file_refused_before_allocatin
 def test_sequences_of_sound_files_still_read(tmp_path, undefined):
     hu, _ = read_hu(save(_with_sequence(undefined), tmp_path / "ok.dcm"))
     np.testing.assert_array_equal(hu, RAW.astype(np.float32))
+
+
+# --- pixel data that does not match the image tags, blank slices, damaged geometry tags ---------
+
+
+@pytest.mark.parametrize("extra_rows", [1, 5, 12, 24])  # one row, some, a whole second frame, two
+def test_pixel_data_longer_than_the_image_tags_say_is_refused(tmp_path, extra_rows):
+    ds = make_ct()
+    ds.PixelData = ds.PixelData + np.zeros((extra_rows, RAW.shape[1]), np.int16).tobytes()
+    msg = expect_error(save(ds, tmp_path / "long.dcm"), f"{RAW.size * 2 + extra_rows * RAW.shape[1] * 2} bytes",
+                       "Rows, Columns, BitsAllocated or NumberOfFrames is wrong")
+    assert f"{extra_rows * RAW.shape[1] * 2} more" in msg
+
+
+@pytest.mark.parametrize("rows,cols", [(6, 10), (12, 5), (1, 10), (11, 10)])
+def test_rows_or_columns_smaller_than_the_data_are_refused(tmp_path, rows, cols):
+    ds = make_ct()
+    ds.Rows, ds.Columns = rows, cols
+    expect_error(save(ds, tmp_path / "small.dcm"), "more than Rows x Columns x BitsAllocated")
+
+
+def test_a_few_trailing_bytes_less_than_a_row_are_tolerated(tmp_path):
+    ds = make_ct()
+    ds.PixelData = ds.PixelData + b"\x00" * (RAW.shape[1] * 2 - 2)
+    hu, _ = read_hu(save(ds, tmp_path / "trail.dcm"))
+    np.testing.assert_array_equal(hu, RAW.astype(np.float32))
+
+
+@pytest.mark.parametrize("stored,signed,pixels", [
+    (12, False, RAW),  # signed 16-bit values declared as unsigned 12-bit: -1024 would read as 3072
+    (12, True, np.where(RAW > 1500, 3000, RAW)),  # 3000 does not fit 12 bits signed
+    (8, False, RAW - RAW.min()),  # values up to 2737 in 8 bits stored
+    (15, False, RAW),  # the sign bit of negative values above bit 14
+])
+def test_values_with_bits_above_bits_stored_are_refused(tmp_path, stored, signed, pixels):
+    ds = make_ct(pixels, signed=signed)
+    ds.BitsStored, ds.HighBit = stored, stored - 1
+    expect_error(save(ds, tmp_path / "bits.dcm"), f"bits above BitsStored {stored}",
+                 "BitsStored or PixelRepresentation does not match")
+
+
+@pytest.mark.parametrize("signed,pixels", [(True, RAW), (False, RAW - RAW.min())])
+def test_values_within_bits_stored_read_exactly(tmp_path, signed, pixels):
+    ds = make_ct(pixels, signed=signed, intercept=0.0 if signed else float(RAW.min()))
+    ds.BitsStored, ds.HighBit = 12, 11
+    hu, _ = read_hu(save(ds, tmp_path / "bits12.dcm"))
+    np.testing.assert_array_equal(hu, RAW.astype(np.float32))
+
+
+@pytest.mark.parametrize("intercept,pad", [(0.0, None), (-1024.0, -2000), (0.0, -3024)])
+def test_signed_pixels_declared_unsigned_are_refused(tmp_path, intercept, pad):
+    pixels = RAW - int(intercept)
+    if pad is not None:
+        pixels = pixels.copy()
+        pixels[0, :] = pad  # outside the field of view, stored negative, no padding tag
+    ds = make_ct(pixels, intercept=intercept)
+    ds.PixelRepresentation = 0  # but the bytes are two's complement
+    expect_error(save(ds, tmp_path / "sign.dcm"), "not HU", "PixelRepresentation (unsigned)")
+
+
+def test_extended_ct_scale_is_read(tmp_path):
+    # Siemens' extended CT scale: 12-bit stored values, slope 10, intercept -10240: up to 30710 HU
+    stored = (np.arange(120, dtype=np.int16).reshape(12, 10) * 34).clip(0, 4095)
+    ds = make_ct(stored, slope=10.0, intercept=-10240.0, signed=False)
+    ds.BitsStored, ds.HighBit = 12, 11
+    hu, _ = read_hu(save(ds, tmp_path / "ext.dcm"))
+    assert hu.min() == -10240 and hu.max() == stored.max() * 10 - 10240
+
+
+@pytest.mark.parametrize("value", [0, -1024, -2000, 1000])
+def test_blank_slice_is_refused(tmp_path, value):
+    expect_error(save(make_ct(np.full(RAW.shape, value, np.int16)), tmp_path / "blank.dcm"),
+                 f"every pixel holds the same value ({value} HU)", "blank slice")
+
+
+def test_slice_of_padding_only_is_refused(tmp_path):
+    ds = make_ct(np.full(RAW.shape, -2000, np.int16), PixelPaddingValue=-2000)
+    expect_error(save(ds, tmp_path / "pad.dcm"), "every pixel is padding")
+    ds = make_ct(np.where(RAW < 0, -2000, 5).astype(np.int16), PixelPaddingValue=-2000)
+    expect_error(save(ds, tmp_path / "pad1.dcm"), "every pixel that is not padding holds the same value (5 HU)")
+
+
+def test_empty_pixel_data_is_refused(tmp_path):
+    ds = make_ct()
+    ds.PixelData = b""
+    expect_error(save(ds, tmp_path / "empty.dcm"), "PixelData is empty")
+
+
+def _write_raw_element(ds: Dataset, path: Path, keyword: str, raw: bytes) -> Path:
+    """Save ``ds`` with the explicit-VR value of ``keyword`` (IS or DS) replaced by ``raw`` as given."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    vr = pydicom.datadict.dictionary_VR(tag).encode()
+    setattr(ds, keyword, "7777")
+    save(ds, path)
+    old = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + struct.pack("<H", 4) + b"7777"
+    raw = raw + b" " * (len(raw) % 2)
+    new = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + struct.pack("<H", len(raw)) + raw
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize("raw", [b"abc", b"2.5", b"-1", b"1\\2"])
+def test_number_of_frames_that_is_not_a_count_is_refused(tmp_path, raw):
+    expect_error(_write_raw_element(make_ct(), tmp_path / "nf.dcm", "NumberOfFrames", raw), "NumberOfFrames",
+                 "is not a count of frames")
+
+
+@pytest.mark.parametrize("raw", [b"0\\0", b"-0.5\\-0.5", b"nan\\nan", b"inf\\1", b"1e400\\1", b"abc\\1", b"1,5\\1,5",
+                                 b"0.7", b"0.7\\0.7\\0.7", b""])
+def test_damaged_pixel_spacing_is_unknown_not_a_wrong_number(tmp_path, raw):
+    hu, meta = read_hu(_write_raw_element(make_ct(), tmp_path / "ps.dcm", "PixelSpacing", raw))
+    assert meta["pixel_spacing"] is None
+    np.testing.assert_array_equal(hu, RAW.astype(np.float32))  # the HU do not depend on it
+
+
+@pytest.mark.parametrize("keyword", ["SliceThickness", "KVP"])
+@pytest.mark.parametrize("raw", [b"0", b"-3", b"nan", b"inf", b"abc", b"1\\2"])
+def test_damaged_slice_thickness_and_kvp_are_unknown(tmp_path, keyword, raw):
+    _, meta = read_hu(_write_raw_element(make_ct(), tmp_path / "t.dcm", keyword, raw))
+    assert meta[{"SliceThickness": "slice_thickness", "KVP": "kvp"}[keyword]] is None
+
+
+def test_sound_geometry_tags_are_read(tmp_path):
+    _, meta = read_hu(save(make_ct(), tmp_path / "ok.dcm"))
+    assert meta["pixel_spacing"] == (0.7, 0.8) and meta["slice_thickness"] == 2.5 and meta["kvp"] == 120.0
