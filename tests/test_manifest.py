@@ -353,3 +353,63 @@ def test_class_folder_file_with_a_huge_length_field_is_refused_before_allocating
     msg = str(ei.value)
     assert "0.dcm: cannot read the DICOM header: damaged header" in msg and f"length of {length} bytes" in msg, msg
     assert peak < 20, f"{peak:.0f} MB allocated while refusing the file"
+
+
+# --- CSV shapes pandas alone gets wrong -----------------------------------------------------------
+
+
+def _three_classes(tmp_path: Path) -> str:
+    for k in range(6):
+        touch(tmp_path / f"s{k}.dcm")
+    return "".join(f"s{k}.dcm,{LABELS[k // 2]},P{k}\n" for k in range(6))
+
+
+@pytest.mark.parametrize("row,fields", [("s9.dcm,normal,P9,train,extra\n", 5), ("s9.dcm,normal,P9,,,,\n", 7),
+                                        ("s9.dcm,normal,P9,x,y,z,w,v\n", 8)])
+def test_row_with_more_fields_than_the_header_names_its_line(tmp_path, row, fields):
+    m = tmp_path / "m.csv"
+    m.write_text("path,label,patient_id\n" + _three_classes(tmp_path) + row)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(m)
+    assert str(e.value) == f"{m}: cannot be read as CSV (line 8: {fields} fields, but the header names 3 columns (a comma too many?))"
+
+
+@pytest.mark.parametrize("header", ["path,label,patient_id,path", "path,label,label,patient_id",
+                                    "path,label,patient_id,patient_id", "path,label, patient_id,patient_id"])
+def test_a_column_named_twice_is_refused(tmp_path, header):
+    m = tmp_path / "m.csv"
+    body = _three_classes(tmp_path).replace("\n", ",x\n")
+    m.write_text(header + "\n" + body)
+    with pytest.raises(ManifestError, match=r"line 1: column\(s\) (path|label|patient_id) appear more than once"):
+        load_manifest(m)
+
+
+@pytest.mark.parametrize("layout", ["blank lines", "CRLF and blank lines", "quoted line break", "BOM"])
+def test_problems_name_the_line_the_row_is_on(tmp_path, layout):
+    body = _three_classes(tmp_path)
+    lines = ["path,label,patient_id"] + body.strip().split("\n") + ["missing.dcm,normal,P9"]
+    if layout == "blank lines":
+        text, line = "\n\n".join(lines) + "\n", 15
+    elif layout == "CRLF and blank lines":
+        text, line = "\r\n".join(lines[:3] + ["", ""] + lines[3:]) + "\r\n", 10
+    elif layout == "quoted line break":
+        lines[2] = lines[2].replace(",P1", ',"P\n1"')
+        text, line = "\n".join(lines) + "\n", 9
+    else:
+        text, line = "\ufeff" + "\n".join(lines) + "\n", 8
+    m = tmp_path / "m.csv"
+    m.write_text(text, newline="")
+    with pytest.raises(ManifestError) as e:
+        load_manifest(m)
+    assert f"line {line}: {(tmp_path / 'missing.dcm').as_posix()}: missing file" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name", ["x" * 300 + ".dcm", "/".join(["y" * 200] * 30) + ".dcm", "z" * 100_000])
+def test_paths_the_file_system_cannot_check_give_a_short_problem(tmp_path, name):
+    m = tmp_path / "m.csv"
+    m.write_text("path,label,patient_id\n" + _three_classes(tmp_path) + f"{name},normal,P9\n")
+    with pytest.raises(ManifestError) as e:
+        load_manifest(m)
+    msg = str(e.value)
+    assert "line 8: " in msg and ("cannot be checked (file name too long)" in msg or "missing file" in msg), msg
+    assert len(msg) < 600, len(msg)  # the path is shortened, not pasted whole
