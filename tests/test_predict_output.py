@@ -242,3 +242,63 @@ def test_interrupted_run_whose_partial_name_cannot_be_written_keeps_the_rows(tmp
     err = capsys.readouterr().err
     kept = Path(err.split("the 2 rows computed so far are in ")[1].splitlines()[0])
     assert kept.name.startswith(".p.csv.") and [r["file"] for r in read_rows(kept)] == [str(f) for f in files[:2]]
+
+
+# --- an --out that names something else -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("victim", ["first input", "last input", "checkpoint", "manifest", "binary file", "text file"])
+def test_out_naming_a_file_that_is_not_a_predictions_csv_is_refused(tmp_path, capsys, ck, victim):
+    files = slices(tmp_path / "in", 3)
+    own_ck = tmp_path / "ck.pt"
+    own_ck.write_bytes(ck.read_bytes())
+    target = {"first input": files[0], "last input": files[-1], "checkpoint": own_ck,
+              "manifest": tmp_path / "manifest.csv", "binary file": tmp_path / "x.bin", "text file": tmp_path / "notes.txt"}[victim]
+    if victim == "manifest":
+        target.write_text("path,label,patient_id\nin/s0.dcm,normal,P1\n")
+    elif victim == "binary file":
+        target.write_bytes(bytes(range(256)))
+    elif victim == "text file":
+        target.write_text("my notes\n")
+    before = target.read_bytes()
+    rc = osteo_main(["predict", str(own_ck), *map(str, files), "--out", str(target)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == (f"osteo: error: {target}: --out names an existing file that is not a predictions "
+                                       "CSV; refusing to replace it (give another file name)"), err
+    assert target.read_bytes() == before
+    assert leftovers(target.parent) == []
+
+
+def test_out_naming_an_earlier_predictions_csv_is_replaced(tmp_path, capsys, ck):
+    files = slices(tmp_path / "in", 2)
+    out = tmp_path / "p.csv"
+    for content in ("", ",".join(P.COLUMNS) + "\nold.dcm,ok,,normal,1,0,0,,\n"):
+        out.write_text(content)
+        assert osteo_main(["predict", str(ck), *map(str, files), "--out", str(out)]) == 0
+        assert [r["file"] for r in read_rows(out)] == [str(f) for f in files]
+
+
+@pytest.mark.parametrize("mode", [0o444, 0o400, 0o555])
+def test_write_protected_out_is_not_replaced(tmp_path, capsys, ck, mode):
+    files = slices(tmp_path / "in", 2)
+    out = tmp_path / "p.csv"
+    out.write_text("file,status\nold.dcm,ok\n")
+    out.chmod(mode)
+    try:
+        rc = osteo_main(["predict", str(ck), *map(str, files), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.strip() == f"osteo: error: {out}: --out is write-protected; refusing to replace it"
+        assert out.read_text() == "file,status\nold.dcm,ok\n"
+    finally:
+        out.chmod(0o644)
+
+
+@pytest.mark.parametrize("below", ["a file", "a file two levels up"])
+def test_gradcam_folder_below_a_file_is_refused_before_predicting(tmp_path, capsys, ck, below):
+    files = slices(tmp_path / "in", 2)
+    blocker = files[0]
+    gradcam = blocker / "cams" if below == "a file" else blocker / "x" / "cams"
+    rc = osteo_main(["predict", str(ck), *map(str, files), "--out", str(tmp_path / "p.csv"), "--gradcam", str(gradcam)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == f"osteo: error: {blocker}: not a folder, so --gradcam {gradcam} cannot be written"
+    assert not (tmp_path / "p.csv").exists()

@@ -196,6 +196,83 @@ def test_damaged_or_non_finite_weights_are_refused(tmp_path):
         load_model(make_checkpoint(tmp_path / "c.pt", weights=sd))
 
 
+def _weights(model="resnet18", **over):
+    cfg = TrainConfig(model=model, inputs=("s", "t") if model == "twin" else ("t",), pretrained=False, **over)
+    torch.manual_seed(0)
+    return make_model(cfg).state_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool,
+                                   torch.complex64])
+@pytest.mark.parametrize("model", ["resnet18", "twin"])
+def test_weights_of_another_dtype_are_refused_not_cast(tmp_path, capsys, slices, dtype, model):
+    sd = _weights(model)
+    name = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[name] = sd[name].to(dtype)
+    ck = make_checkpoint(tmp_path / "d.pt", model=model, weights=sd)
+    rc, out, err = run_cli(capsys, "predict", ck, slices[0], "--out", tmp_path / "p.csv")
+    assert_one_line_error(rc, err, ck, f"{name} is stored as {str(dtype).removeprefix('torch.')}, the network needs float32")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_batch_norm_counter_of_another_dtype_is_refused(tmp_path):
+    sd = _weights()
+    name = next(k for k in sd if k.endswith("num_batches_tracked"))
+    sd[name] = sd[name].float()
+    with pytest.raises(CheckpointError, match=f"{name} is stored as float32, the network needs int64"):
+        load_model(make_checkpoint(tmp_path / "n.pt", weights=sd))
+
+
+@pytest.mark.parametrize("where", ["first", "last", "every"])
+def test_negative_batch_norm_variances_are_refused(tmp_path, where):
+    sd = _weights("twin")
+    names = [k for k in sd if k.endswith("running_var")]
+    for k in {"first": names[:1], "last": names[-1:], "every": names}[where]:
+        sd[k][0] = -0.5
+    with pytest.raises(CheckpointError, match="negative variances"):
+        load_model(make_checkpoint(tmp_path / "v.pt", model="twin", weights=sd))
+
+
+@pytest.mark.parametrize("stored", [0.7, -1.0, 2.0, 0.5000001])
+def test_fixed_alpha_that_differs_from_the_config_is_refused(tmp_path, stored):
+    sd = _weights("twin", learn_alpha=False, alpha=0.5)
+    sd["alpha"] = torch.tensor(stored)
+    with pytest.raises(CheckpointError, match=r"fixed alpha in the weights .* differs from the stored config's alpha \(0.5\)"):
+        load_model(make_checkpoint(tmp_path / "a.pt", model="twin", weights=sd, learn_alpha=False, alpha=0.5))
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 1.0, 0.0])
+def test_fixed_alpha_as_trained_loads(tmp_path, alpha):
+    ck = make_checkpoint(tmp_path / "a.pt", model="twin", weights=_weights("twin", learn_alpha=False, alpha=alpha),
+                         learn_alpha=False, alpha=alpha)
+    model, cfg = load_model(ck)
+    assert float(model.alpha) == float(torch.tensor(alpha)) and cfg.learn_alpha is False
+
+
+@pytest.mark.parametrize("fmt", ["osteo-kit/2", "osteo-kit/10", "osteo-kit/1.1"])
+def test_checkpoint_of_another_format_version_says_so(tmp_path, capsys, slices, fmt):
+    ck = make_checkpoint(tmp_path / "f.pt")
+    state = torch.load(ck, weights_only=True)
+    state["format"] = fmt
+    torch.save(state, ck)
+    rc, out, err = run_cli(capsys, "predict", ck, slices[0], "--out", tmp_path / "p.csv")
+    assert_one_line_error(rc, err, ck, f"format '{fmt}'", f"it reads '{CHECKPOINT_FORMAT}'")
+
+
+@pytest.mark.parametrize("scale", [1e37, 1e38, float(torch.finfo(torch.float32).max)])
+def test_weights_that_give_non_finite_outputs_give_error_rows(tmp_path, capsys, slices, scale):
+    sd = _weights()
+    sd["fc.weight"][:] = scale
+    sd["fc.bias"][:] = -scale
+    ck = make_checkpoint(tmp_path / "h.pt", weights=sd)
+    rc, out, err = run_cli(capsys, "predict", ck, *slices, "--out", tmp_path / "p.csv")
+    assert rc == 1
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    assert [r["status"] for r in rows] == ["error"] * 3
+    assert all(r[c] == "" for r in rows for c in ("predicted", "p_normal", "p_osteopenia", "p_osteoporosis"))
+    assert all("output is not finite" in r["error"] for r in rows)
+
+
 @pytest.mark.parametrize("epoch,epochs", [(1, 4), (0, 4), (59, 60)])
 def test_unfinished_run_is_refused_unless_allowed_then_warned(tmp_path, capsys, slices, epoch, epochs):
     ck = make_checkpoint(tmp_path / "cut.pt", model="twin", epoch=epoch, epochs=epochs)
@@ -407,3 +484,18 @@ def test_train_on_a_bad_manifest_gives_one_line_naming_it(tmp_path, capsys, slic
     line = assert_one_line_error(rc, err, needle)
     assert str(m) in line or "bad.dcm" in line
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "{m}", "--out", "{r}", "--image-size", "100000"], "--image-size 100000: too large (at most 4096 pixels)"),
+    (["train", "{m}", "--out", "{r}", "--image-size", "4097"], "--image-size 4097: too large (at most 4096 pixels)"),
+    (["train", "{m}", "--out", "{r}", "--image-size", str(2**40)], f"--image-size {2**40}: too large"),
+    (["synth", "{r}", "--size", "1000000000", "--n-per-class", "2"], "--size 1000000000: too large (at most 4096 pixels)"),
+    (["synth", "{r}", "--size", "5000", "--n-per-class", "2"], "--size 5000: too large (at most 4096 pixels)"),
+])
+def test_image_sizes_too_large_to_allocate_are_refused_first(tmp_path, capsys, argv, needle):
+    m = _bad_manifest(tmp_path)  # never read: the size is checked before anything is loaded
+    argv = [a.format(m=m, r=tmp_path / "run") for a in argv]
+    rc, out, err = run_cli(capsys, *argv)
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "run").exists()
