@@ -197,7 +197,17 @@ class TrainResult:
 
     @classmethod
     def from_json(cls, path) -> "TrainResult":
-        return cls(**json.loads(Path(path).read_text()))
+        """Read a saved result; a file that is not one (damaged, hand-edited, another program's) is
+        a :class:`CheckpointError` naming it."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            return cls(**data)
+        except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path}: not a result file of osteo-kit ({why}); the run folder is damaged: "
+                                  "remove the file to train the run again") from None
 
 
 class CheckpointError(ValueError):
@@ -734,16 +744,29 @@ def resume_run(run: _Run, ckpt_path: Path) -> None:
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt_path}: weights do not fit a {cfg.model} network "
                               f"({str(e).splitlines()[0][:300]}); remove the folder or pick another out_dir") from None
-    run.history = json.loads(state["history"])
-    run.start_epoch = int(state["epoch"])
-    run.seconds = float(state.get("seconds", 0.0))
-    run.pretrained_used = bool(state.get("pretrained_used", run.pretrained_used))
-    run.imagenet_weights = state["imagenet_weights"] if "imagenet_weights" in state else run.imagenet_weights
-    run.best = json.loads(state["best"]) if state.get("best") else None
-    if run.start_epoch < cfg.epochs:
-        run.opt.load_state_dict(state["optimizer"])
-        run.sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], run.device)
+    try:  # what resuming needs besides the weights: a damaged part is named, never a traceback
+        part = "history"
+        run.history = json.loads(state["history"])
+        if not isinstance(run.history, list):
+            raise TypeError(f"a {type(run.history).__name__}, not a list")
+        run.start_epoch = int(state["epoch"])
+        part = "seconds"
+        run.seconds = float(state.get("seconds", 0.0))
+        run.pretrained_used = bool(state.get("pretrained_used", run.pretrained_used))
+        run.imagenet_weights = state["imagenet_weights"] if "imagenet_weights" in state else run.imagenet_weights
+        part = "best"
+        run.best = json.loads(state["best"]) if state.get("best") else None
+        if run.start_epoch < cfg.epochs:
+            part = "optimizer"
+            run.opt.load_state_dict(state["optimizer"])
+            part = "scheduler"
+            run.sched.load_state_dict(state["scheduler"])
+            part = "rng"
+            _set_rng_state(state["rng"], run.device)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        what = "missing" if part not in state else f"damaged ({type(e).__name__})"
+        raise CheckpointError(f"{ckpt_path}: the saved training state '{part}' is {what}, so the run cannot resume; "
+                              "remove the folder or pick another out_dir") from None
 
 
 def save_run(run: _Run, ckpt_path: Path, epoch: int) -> None:

@@ -499,3 +499,57 @@ def test_image_sizes_too_large_to_allocate_are_refused_first(tmp_path, capsys, a
     rc, out, err = run_cli(capsys, *argv)
     assert_one_line_error(rc, err, needle)
     assert not (tmp_path / "run").exists()
+
+
+# --- a damaged run folder: the next training names the file instead of a traceback -----------------
+
+from conftest import make_separable  # noqa: E402
+from osteo.training import TrainingInterrupted, train  # noqa: E402
+
+_RUN = dict(model="resnet18", inputs=("t",), epochs=2, batch_size=8, image_size=32, pretrained=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return make_separable(n_per_class=8)  # 18 training slices: batches of 8, 8 and 2
+
+
+@pytest.fixture(scope="module")
+def killed_run(tiny_data, tmp_path_factory):
+    """The run folder of a run killed in epoch 2: the checkpoint of epoch 1, no result."""
+    d = tmp_path_factory.mktemp("killed")
+    with pytest.raises(TrainingInterrupted):
+        train(TrainConfig(**_RUN), tiny_data, d, progress=False, checkpoint_every_s=0, stop_after_steps=4)
+    assert torch.load(d / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    return d / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"unknown_field": 1}', b"\xff\xfe\x00", b"", b"null"])
+def test_damaged_result_file_in_the_run_folder_is_named(tmp_path, tiny_data, content):
+    (tmp_path / "result.json").write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        train(TrainConfig(**_RUN), tiny_data, tmp_path, progress=False)
+    assert str(e.value).startswith(f"{tmp_path / 'result.json'}: not a result file of osteo-kit")
+    assert (tmp_path / "result.json").read_bytes() == content  # left for the user to look at
+
+
+@pytest.mark.parametrize("part,damage", [("history", "garbage"), ("history", "5"), ("history", None),
+                                         ("best", "{bad"), ("optimizer", None), ("optimizer", {"state": 3}),
+                                         ("scheduler", None), ("rng", None), ("rng", {"cpu": torch.zeros(3)})])
+def test_damaged_training_state_of_a_killed_run_is_named_when_resuming(tmp_path, tiny_data, killed_run, part, damage):
+    state = torch.load(killed_run, weights_only=True)
+    if damage is None:
+        del state[part]
+    else:
+        state[part] = damage
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError) as e:
+        train(TrainConfig(**_RUN), tiny_data, tmp_path, progress=False)
+    assert str(e.value).startswith(f"{tmp_path / 'checkpoint.pt'}: the saved training state '{part}' is "
+                                   f"{'missing' if damage is None else 'damaged'}"), str(e.value)
+
+
+def test_killed_run_with_its_state_intact_resumes(tmp_path, tiny_data, killed_run):
+    (tmp_path / "checkpoint.pt").write_bytes(killed_run.read_bytes())
+    res = train(TrainConfig(**_RUN), tiny_data, tmp_path, progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2 and len(res.history) == 2
