@@ -138,6 +138,21 @@ class _LengthTooLarge(Exception):
         self.asked, self.offset, self.size, self.what, self.left = asked, offset, size, what, left
 
 
+class _ZeroRun(Exception):
+    """Element headers of only zero bytes, over and over: a file padded or overwritten with zeros
+    (pydicom would parse each 8 zero bytes as one empty element, for minutes on a large file)."""
+
+    def __init__(self, offset: int):
+        super().__init__(offset)
+        self.offset = offset
+
+
+#: Consecutive all-zero 8-byte element headers (2 MB of zeros) after which a file is refused: tag
+#: (0000,0000) never appears in a DICOM file, but a few kB of zeros padding the end of one are
+#: tolerated, as pydicom tolerates them; 2 MB take it under a second to parse, 4 GB would take an hour.
+_MAX_ZERO_HEADERS = 250_000
+
+
 class _BoundedFile:
     """A read-only binary file for pydicom that refuses, before allocating, to read more bytes
     than the whole file holds: a damaged length field (e.g. 0xFFFFFFF0 = 4 GB) in a 1 kB file
@@ -148,13 +163,21 @@ class _BoundedFile:
         self._f = open(path, "rb")
         self.name = str(path)
         self.size = os.fstat(self._f.fileno()).st_size
+        self._zeros = 0  # consecutive all-zero element headers read
 
     def read(self, n: int = -1) -> bytes:
         # pydicom's own fixed reads (128-byte preamble, 8-byte tags) may exceed a tiny file: only a
         # read longer than those that is also longer than the file comes from a length field.
         if n is not None and n > self.size and n > 256:
             raise _LengthTooLarge(int(n), self._f.tell(), self.size)
-        return self._f.read(n)
+        data = self._f.read(n)
+        if n == 8 and data == bytes(8):
+            self._zeros += 1
+            if self._zeros > _MAX_ZERO_HEADERS:
+                raise _ZeroRun(self._f.tell() - 8 * self._zeros)
+        elif data:
+            self._zeros = 0
+        return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._f.seek(offset, whence)
@@ -230,6 +253,9 @@ def _dcmread(path: Path, r: _Reader, **kw):
                 return ds
             finally:
                 _checking.size = None
+    except _ZeroRun as e:
+        raise r.error(f"damaged: from byte {e.offset} on, the file holds only zero bytes where DICOM elements "
+                      "should be (overwritten or padded with zeros)") from None
     except _LengthTooLarge as e:
         if e.what == "an element":
             raise r.error(
@@ -281,6 +307,8 @@ def _open(path: Path, r: _Reader):
     except Exception as e:  # damaged header, truncated element, ...
         raise r.error("not a readable DICOM file", e) from e
     if ds is None:
+        if not _looks_like_header_start(path):  # e.g. a file of zeros: pydicom would walk it 8 bytes at a time
+            raise r.error("not a DICOM file (no DICM preamble, and it does not start like a DICOM dataset)")
         try:
             with warnings.catch_warnings():  # pydicom warns about every odd "element" of a non-DICOM file
                 warnings.simplefilter("ignore")
@@ -313,10 +341,13 @@ def _open(path: Path, r: _Reader):
 
 def _looks_like_header_start(path: Path) -> bool:
     """True if a file without the DICM preamble starts like a dataset: a group 0x0002 or 0x0008
-    tag (little endian), as the headers of preamble-less DICOM files do; random bytes rarely do."""
+    tag (little or big endian), as the headers of preamble-less DICOM files do; random bytes and
+    zeros do not (so they are refused at once instead of being parsed as a million empty elements)."""
     with open(path, "rb") as fh:
         head = fh.read(4)
-    return len(head) == 4 and head[1] == 0 and head[0] in (0x02, 0x08)
+    little = head[1:2] == b"\x00" and head[0:1] in (b"\x02", b"\x08")
+    big = head[0:1] == b"\x00" and head[1:2] in (b"\x02", b"\x08")
+    return len(head) == 4 and (little or big)
 
 
 def _looks_like_dataset(ds) -> bool:
