@@ -22,9 +22,11 @@ care below, all of it ours:
   declaring an element longer than the whole file is refused as damaged (no 4 GB allocation), and
   so is a sequence item longer than what remains of the file (or of its sequence).
 * Uncompressed pixel data must match the image tags: at least one row more data than Rows x
-  Columns x BitsAllocated (x frames) need, or stored values with bits set above BitsStored (that
-  are not the sign), are refused, as is a slice whose pixels all hold one value (a blank image) or
-  are all padding. PixelSpacing, SliceThickness and KVP that are not positive numbers are
+  Columns x BitsAllocated (x frames) need is refused; so are bits above BitsStored that show
+  BitsStored or PixelRepresentation to be wrong (sign-extended negatives declared unsigned, for
+  one; others, such as an old overlay plane, are ignored as DICOM says), and padding is found
+  in the whole stored value. A slice whose pixels all hold one value (a blank image) or are all
+  padding is refused too. PixelSpacing, SliceThickness and KVP that are not positive numbers are
   reported as None (unknown), never as a wrong number; osteo itself does not use them.
 * PixelPaddingValue (and PixelPaddingRangeLimit) are compared with the *stored* values, before
   the rescale; those pixels become -1024 HU (air) and are counted in ``meta["padding_masked"]``.
@@ -499,6 +501,25 @@ def _check_decoder(ds, r: _Reader) -> None:
         )
 
 
+def _raw_native(ds, frame: int) -> np.ndarray | None:
+    """One frame's stored values with every bit of BitsAllocated, before pydicom masks or sign-extends
+    the bits above BitsStored (uncompressed grey data of 8, 16 or 32 bits only; else None)."""
+    tsuid = UID(ds.file_meta.TransferSyntaxUID)
+    data = ds.get("PixelData")
+    if tsuid.is_encapsulated or not isinstance(data, (bytes, bytearray)):
+        return None
+    try:
+        rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    frame_bytes = rows * cols * bits // 8
+    if bits not in (8, 16, 32) or spp != 1 or len(data) < (frame + 1) * frame_bytes:
+        return None
+    dtype = np.dtype(f"u{bits // 8}").newbyteorder("<" if tsuid.is_little_endian else ">")
+    return np.frombuffer(data, dtype=dtype, count=rows * cols, offset=frame * frame_bytes).reshape(rows, cols)
+
+
 def _check_native_pixel_data(ds, frame: int, n_frames: int, r: _Reader, arr=None) -> None:
     """For uncompressed pixel data, two checks pydicom leaves to the reader:
 
@@ -506,9 +527,16 @@ def _check_native_pixel_data(ds, frame: int, n_frames: int, r: _Reader, arr=None
       take the padding to an even length and a few trailing bytes): at least one whole row more
       means that Rows, Columns, BitsAllocated or NumberOfFrames is wrong, and the image would be
       read scrambled or cut;
-    * no stored value has bits set above BitsStored (unsigned), or bits there that are not the sign
-      (signed): pydicom would mask them off, silently changing the value (a 16-bit signed slice
-      declared as 12 bits stored turns -1024 into 3072); only once ``arr`` (the decoded frame) is given."""
+    * the bits above BitsStored (only once ``arr``, the decoded frame, is given). DICOM lets a
+      writer leave anything there (PS3.5 8.1.1: zeros, sign extension, an old overlay plane), and
+      pydicom masks them off (unsigned) or sign-extends (signed), as it should. Refused are only
+      the patterns that mean the declared BitsStored or PixelRepresentation is wrong, so that
+      masking would change real values: for unsigned data, values that are exactly sign-extended
+      negatives (a signed slice declared unsigned: -1024 would read as 3072), or high bits set in
+      more than a tenth of the pixels (more than any overlay plane; BitsStored too small); for
+      signed data, negatives written with sign extension beside others written without it (values
+      beyond BitsStored's range). Padding pixels (PixelPaddingValue, compared with the whole stored
+      value) are left out."""
     tsuid = UID(ds.file_meta.TransferSyntaxUID)
     data = ds.get("PixelData")
     if tsuid.is_encapsulated or not isinstance(data, (bytes, bytearray)):
@@ -527,22 +555,36 @@ def _check_native_pixel_data(ds, frame: int, n_frames: int, r: _Reader, arr=None
     if arr is None:
         return
     stored = int(ds.get("BitsStored", bits) or bits)
-    if bits not in (8, 16, 32) or not 0 < stored < bits or spp != 1:
+    raw = _raw_native(ds, frame)
+    if raw is None or not 0 < stored < bits:
         return
-    frame_bytes = rows * cols * bits // 8
-    dtype = np.dtype(f"u{bits // 8}").newbyteorder("<" if tsuid.is_little_endian else ">")
-    raw = np.frombuffer(data, dtype=dtype, count=rows * cols, offset=frame * frame_bytes).astype(np.uint64)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    pad = _padding_mask(ds, _whole_values(raw, signed))
+    raw = raw.astype(np.uint64)[~pad] if pad is not None else raw.astype(np.uint64).ravel()
+    if raw.size == 0:
+        return
     high = raw >> stored  # the bits above BitsStored
-    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
-        sign = (raw >> (stored - 1)) & 1
-        bad = high != np.where(sign == 1, (1 << (bits - stored)) - 1, 0)
-    else:
-        bad = high != 0
-    if bad.any():
-        signed = "signed" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "unsigned"
-        raise r.error(f"{int(bad.sum())} stored values use bits above BitsStored {stored} ({signed}, BitsAllocated "
-                      f"{bits}): BitsStored or PixelRepresentation does not match the pixel data, and reading them "
-                      "as declared would change their values")
+    ones = (1 << (bits - stored)) - 1
+    negative = ((raw >> (stored - 1)) & 1) == 1  # the top stored bit: the sign, if the data are signed
+    extended = high == np.where(negative, ones, 0)  # what sign extension would have written
+    what = None
+    if not signed and extended.all() and (negative & (high == ones)).any():
+        what = (f"{int((high == ones).sum())} values are negative numbers in two's complement (their bits above "
+                f"BitsStored {stored} copy its sign bit), but PixelRepresentation says unsigned")
+    elif not signed and (high != 0).mean() > 0.1:
+        what = (f"{int((high != 0).sum())} of {raw.size} values have bits set above BitsStored {stored}, more than "
+                "an overlay plane would: BitsStored is too small for these values")
+    elif signed and (negative & (high == ones)).any() and (negative & (high == 0)).any():
+        what = (f"{int((negative & (high == 0)).sum())} values need more than BitsStored {stored} bits (signed), "
+                "while other negatives are written with their sign extended")
+    if what:
+        raise r.error(f"{what}; reading them as declared (BitsAllocated {bits}) would change their values: "
+                      "BitsStored or PixelRepresentation does not match the pixel data")
+
+
+def _whole_values(raw: np.ndarray, signed: bool) -> np.ndarray:
+    """Stored values read with every bit of BitsAllocated (two's complement when signed)."""
+    return raw.astype(raw.dtype.newbyteorder("=")).view(f"i{raw.dtype.itemsize}") if signed else raw
 
 
 def _stored_pixels(ds, frame: int | None, n_frames: int, r: _Reader) -> np.ndarray:
@@ -715,6 +757,11 @@ def _to_hu(ds, frame, file_meta_note, r: _Reader):
     idx, n_frames = _frame_index(ds, frame, r)
     stored = _stored_pixels(ds, idx, n_frames, r)
     pad = _padding_mask(ds, stored)
+    raw = _raw_native(ds, idx or 0)
+    if pad is not None and raw is not None and raw.shape == stored.shape:
+        # padding written with bits above BitsStored (0xFFFF in 12 bits stored) is masked by pydicom
+        # to a value that no longer equals PixelPaddingValue: compare the whole stored values too
+        pad |= _padding_mask(ds, _whole_values(raw, int(ds.get("PixelRepresentation", 0) or 0) == 1))
     n_pad = int(pad.sum()) if pad is not None else 0
 
     slope, icpt, rescale_source = _rescale(ds, idx, stored, pad, r)

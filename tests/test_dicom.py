@@ -748,8 +748,60 @@ def test_a_few_trailing_bytes_less_than_a_row_are_tolerated(tmp_path):
 def test_values_with_bits_above_bits_stored_are_refused(tmp_path, stored, signed, pixels):
     ds = make_ct(pixels, signed=signed)
     ds.BitsStored, ds.HighBit = stored, stored - 1
-    expect_error(save(ds, tmp_path / "bits.dcm"), f"bits above BitsStored {stored}",
-                 "BitsStored or PixelRepresentation does not match")
+    expect_error(save(ds, tmp_path / "bits.dcm"), f"BitsStored {stored}",
+                 "BitsStored or PixelRepresentation does not match the pixel data")
+
+
+def _with_high_bits(pixels, stored, signed, high_of):
+    """int16/uint16 pixels whose bits above ``stored`` are set by ``high_of(values)`` (DICOM lets a
+    writer put anything there: zeros, sign extension, an overlay plane)."""
+    low = pixels.astype(np.int64) & ((1 << stored) - 1)
+    whole = (low | (high_of(pixels) << stored)) & 0xFFFF
+    return whole.astype(np.uint16).view(np.int16) if signed else whole.astype(np.uint16)
+
+
+def _raw_ct(pixels16, **kw):
+    ds = make_ct(**kw)
+    ds.PixelData = np.ascontiguousarray(pixels16).astype(pixels16.dtype.newbyteorder("<")).tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("case", ["signed, zeros above", "signed, sign extended", "signed, overlay bit 15",
+                                  "unsigned, zeros above", "unsigned, overlay bit 15", "unsigned, overlay bits 12-15"])
+def test_bits_above_bits_stored_that_dicom_allows_are_ignored(tmp_path, case):
+    # PS3.5 8.1.1: a reader may assume nothing about the bits above BitsStored; pydicom masks them
+    # (unsigned) or sign-extends (signed), and the HU come out exact
+    signed = case.startswith("signed")
+    values = RAW if signed else RAW - RAW.min()  # 12 bits: -1024..2047 signed, 0..4095 unsigned
+    mark = np.zeros(RAW.shape, np.int64)
+    mark[::7, ::5] = 1  # a sparse "overlay" (text, a region outline), a few % of the pixels
+    high = {"zeros above": lambda v: np.zeros(v.shape, np.int64),
+            "sign extended": lambda v: np.where(v < 0, 0xF, 0),
+            "overlay bit 15": lambda v: mark << 3,
+            "overlay bits 12-15": lambda v: mark * 0xF}[case.split(", ")[1]]
+    ds = _raw_ct(_with_high_bits(values, 12, signed, high), signed=signed,
+                 intercept=0.0 if signed else float(RAW.min()))
+    ds.BitsStored, ds.HighBit = 12, 11
+    hu, _ = read_hu(save(ds, tmp_path / "ok.dcm"))
+    np.testing.assert_array_equal(hu, RAW.astype(np.float32))
+
+
+@pytest.mark.parametrize("signed,pad_value,pad_stored", [
+    (False, 65535, 0xFFFF),  # unsigned 12 bits, padding written as 0xFFFF: masked it would be 4095
+    (True, -3024, -3024),  # signed 12 bits, padding -3024: does not fit 12 bits, pydicom makes it +1072
+    (True, -2000, -2000),  # fits 12 bits: found either way
+])
+def test_padding_written_with_bits_above_bits_stored_is_found(tmp_path, signed, pad_value, pad_stored):
+    values = (RAW if signed else RAW - RAW.min()).astype(np.int64)
+    whole = np.where(values < 0, values & 0xFFFF, values)  # plain two's complement in 16 bits
+    whole[0, :] = pad_stored & 0xFFFF  # the first row is outside the field of view
+    pixels = whole.astype(np.uint16).view(np.int16) if signed else whole.astype(np.uint16)
+    ds = _raw_ct(pixels, signed=signed, intercept=0.0 if signed else float(RAW.min()),
+                 PixelPaddingValue=pad_value)
+    ds.BitsStored, ds.HighBit = 12, 11
+    hu, _ = read_hu(save(ds, tmp_path / "pad.dcm"))
+    assert hu[0].max() <= -1000, hu[0]  # padding reads as air, not as a bright ring
+    np.testing.assert_array_equal(hu[1:], RAW[1:].astype(np.float32))
 
 
 @pytest.mark.parametrize("signed,pixels", [(True, RAW), (False, RAW - RAW.min())])
@@ -777,7 +829,7 @@ def test_extended_ct_scale_is_read(tmp_path):
     ds = make_ct(stored, slope=10.0, intercept=-10240.0, signed=False)
     ds.BitsStored, ds.HighBit = 12, 11
     hu, _ = read_hu(save(ds, tmp_path / "ext.dcm"))
-    assert hu.min() == -10240 and hu.max() == stored.max() * 10 - 10240
+    assert hu.min() == -10240 and hu.max() == int(stored.max()) * 10 - 10240
 
 
 @pytest.mark.parametrize("value", [0, -1024, -2000, 1000])
