@@ -342,14 +342,24 @@ def _open(path: Path, r: _Reader):
 
 
 def _looks_like_header_start(path: Path) -> bool:
-    """True if a file without the DICM preamble starts like a dataset: a group 0x0002 or 0x0008
-    tag (little or big endian), as the headers of preamble-less DICOM files do; random bytes and
-    zeros do not (so they are refused at once instead of being parsed as a million empty elements)."""
+    """True if a file without the DICM preamble starts like a dataset: the tag of a group from
+    0x0002 to 0x7FE0 (even: not a private group; little or big endian), then two upper-case
+    letters (an explicit VR) or a length that fits the file (implicit VR). Preamble-less files
+    written by any tool start so, whichever group comes first; zeros and most random bytes do not,
+    so they are refused at once instead of being parsed as a million empty elements."""
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    little = head[1:2] == b"\x00" and head[0:1] in (b"\x02", b"\x08")
-    big = head[0:1] == b"\x00" and head[1:2] in (b"\x02", b"\x08")
-    return len(head) == 4 and (little or big)
+        head = fh.read(8)
+    if len(head) < 8:
+        return False
+    size = path.stat().st_size
+    for order in ("little", "big"):
+        group = int.from_bytes(head[0:2], order)
+        if group % 2 or not 0x0002 <= group <= 0x7FE0:
+            continue
+        vr = head[4:6]
+        if vr.isalpha() and vr.isupper() or int.from_bytes(head[4:8], order) <= size:
+            return True
+    return False
 
 
 def _looks_like_dataset(ds) -> bool:

@@ -194,6 +194,24 @@ def test_missing_file_meta_header_is_read_and_recorded(tmp_path):
     assert meta["file_meta"].startswith("missing") and "Implicit VR Little Endian" in meta["file_meta"]
 
 
+@pytest.mark.parametrize("implicit", [True, False])
+@pytest.mark.parametrize("drop", [(), (0x0008,), (0x0008, 0x0010), (0x0008, 0x0010, 0x0018, 0x0020)])
+def test_headerless_file_is_parsed_whichever_group_comes_first(tmp_path, implicit, drop):
+    # an anonymiser or another tool may drop whole groups, so the file starts with a later one
+    ds = make_ct(slope=1.0, intercept=-1024.0)
+    del ds.file_meta
+    for tag in [t for t in ds.keys() if t.group in drop]:
+        del ds[tag]
+    path = tmp_path / "headerless"
+    pydicom.dcmwrite(path, ds, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    assert int.from_bytes(path.read_bytes()[:2], "little") == min(t.group for t in ds.keys())
+    if 0x0008 in drop:  # read, then refused for what group 0008 held (Modality, SOP class), not as "not DICOM"
+        expect_error(path, "no Modality tag and not a CT SOP class")
+        return
+    hu, meta = read_hu(path)
+    np.testing.assert_array_equal(hu, (RAW.astype(np.float64) - 1024).astype(np.float32))
+
+
 def test_file_meta_without_preamble(tmp_path):
     ds = make_ct(slope=1.0, intercept=-1024.0)
     ds.preamble = None
