@@ -72,9 +72,12 @@ def test_any_layout_gives_the_same_output_and_only_channels_last_takes_the_dense
         big = torch.cat([x, x]).contiguous(memory_format=torch.channels_last)[::2]  # channels-last, strided batch
         y, dp = m(big.contiguous())
         y2, dp2 = m(big)
-    assert bool(calls) == (layout == "sliced channels-last")
-    torch.testing.assert_close(y2, y, rtol=0, atol=1e-15 * float(y.abs().max()))
-    torch.testing.assert_close(dp2, dp, rtol=0, atol=1e-15 * float(dp.abs().max()))
+    assert bool(calls) == (layout == "sliced channels-last")  # the branch: what a separate run takes
+    # float64; the branches add in another order (grouped matmul vs bmm), and other CPUs' kernels
+    # may too: 64 roundings of the output's scale (measured here: identical, or ~1 rounding)
+    tol = 64 * torch.finfo(torch.float64).eps
+    torch.testing.assert_close(y2, y, rtol=0, atol=tol * float(y.abs().max()))
+    torch.testing.assert_close(dp2, dp, rtol=0, atol=tol * float(dp.abs().max()))
 
 
 def test_identity_when_k_equals_q_and_gate_open():
