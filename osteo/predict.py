@@ -83,13 +83,13 @@ def _check_parents(path: Path, option: str) -> None:
 
 
 def _is_predictions_csv(path: Path) -> bool:
-    """True for an empty file or one whose first line is a CSV header starting with ``file,``."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-    except OSError:
-        return False
-    return head == b"" or head.startswith(b"file,")
+    """True for an empty file or one whose first line is a CSV header whose first column is
+    ``file``: as osteo writes it, or re-saved by a spreadsheet (a UTF-8 BOM, quotes, ``;``).
+    An unreadable file raises OSError (reported as such, not as a foreign file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    head = head.removeprefix(b"\xef\xbb\xbf")
+    return head == b"" or any(head.startswith(p) for p in (b"file,", b'"file",', b"file;", b'"file";'))
 
 
 def _check_output(out_csv: Path, gradcam_dir) -> None:

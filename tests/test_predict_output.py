@@ -272,8 +272,13 @@ def test_out_naming_a_file_that_is_not_a_predictions_csv_is_refused(tmp_path, ca
 def test_out_naming_an_earlier_predictions_csv_is_replaced(tmp_path, capsys, ck):
     files = slices(tmp_path / "in", 2)
     out = tmp_path / "p.csv"
-    for content in ("", ",".join(P.COLUMNS) + "\nold.dcm,ok,,normal,1,0,0,,\n"):
-        out.write_text(content)
+    header, row = ",".join(P.COLUMNS), "old.dcm,ok,,normal,1,0,0,,"
+    quoted = ",".join(f'"{c}"' for c in P.COLUMNS)
+    for content in ("", f"{header}\n{row}\n",
+                    f"\ufeff{header}\r\n{row}\r\n",  # re-saved by a spreadsheet as "CSV UTF-8" (a BOM)
+                    f"{quoted}\n{row}\n",  # written with every field quoted (R's write.csv)
+                    f"{header.replace(',', ';')}\n{row.replace(',', ';')}\n"):  # a spreadsheet's ';' CSV
+        out.write_text(content, encoding="utf-8")
         assert osteo_main(["predict", str(ck), *map(str, files), "--out", str(out)]) == 0
         assert [r["file"] for r in read_rows(out)] == [str(f) for f in files]
 
