@@ -68,8 +68,9 @@ def acm_function(x, kq_weight, kq_bias, p1_weight, p1_bias, p2_weight, p2_bias, 
     mu = x.mean(dim=(2, 3))  # (B, C)
     logits = F.conv2d(x, block_diagonal(kq_weight, g)[:, :, None, None], kq_bias)  # (B, 2G, H, W)
     # X in neither layout (a member's slice of a stacked batch under vmap): the branch a separate run
-    # takes on this device (its inputs are channels-last on CUDA, contiguous elsewhere)
-    dense = not x.is_contiguous() and (_channels_last(x) or x.is_cuda)
+    # takes on this device (its inputs are channels-last on CUDA, contiguous elsewhere; a 1x1 map
+    # stored channels-last is also contiguous, so a separate run takes the grouped branch there)
+    dense = not x.is_contiguous() and (_channels_last(x) or x.is_cuda and h * w > 1)
     if not dense:
         attn = logits.reshape(b, g, 2, h * w).softmax(dim=-1)  # [:, g, 0] group g's K map, [:, g, 1] its Q map
         agg = torch.matmul(attn, x.reshape(b, g, c // g, h * w).transpose(-1, -2))  # (B, G, 2, C/G)
